@@ -1,0 +1,192 @@
+"""Expert layers: a bank of timestep LoRA experts around one `nn.Linear` or `nn.Conv1d/2d/3d`.
+
+For input x and the routing of the current forward (see `tsm.routing`), with s = alpha / r::
+
+    y = base(x) + s * B[main] A[main] x                         # core (or the fostered expert): no gate
+                + s * sum_j G_j(x, t) * B[ctx_j] A[ctx_j] x     # context experts: assembling stage only
+
+The base layer is wrapped, never copied. Each expert's A and B are separate parameters (``lora_A.s0_i3``),
+so an expert that received no sample gets no gradient (``grad is None``) and its optimizer state does not
+move: training all experts in one run equals training them one by one.
+
+Paths:
+- mixed batch, linear: gather each sample's A/B and use batched matmuls; convs: group the batch by expert;
+- one expert for the whole batch: plain matmuls/convs with that expert's weights;
+- eval mode with autograd off: the core expert is merged into the base weight when the interval changes,
+  so sampling costs what the base model costs. The original weight is kept and copied back on unmerge,
+  so it is restored exactly after any number of switches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tsm.errors import TsmError
+from tsm.router import Router
+from tsm.routing import Route, Routing
+from tsm.spec import ExpertSpec
+
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+SUPPORTED = (nn.Linear, *_CONV_FN)
+
+
+class ExpertLayer(nn.Module):
+    """Timestep LoRA experts around ``base_layer`` (Linear or Conv1d/2d/3d). Adapters are kept in float32."""
+
+    def __init__(self, base_layer: nn.Module, spec: ExpertSpec, routing: Routing) -> None:
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED):
+            raise TsmError(
+                f"cannot add experts to {type(base_layer).__name__}; supported: Linear, Conv1d/2d/3d"
+            )
+        self.conv_fn = next((fn for cls, fn in _CONV_FN.items() if isinstance(base_layer, cls)), None)
+        if self.conv_fn is not None and base_layer.groups != 1:
+            raise TsmError(
+                f"cannot add experts to a grouped conv (groups={base_layer.groups}); drop it from targets"
+            )
+        self.base_layer = base_layer
+        self.routing = routing  # shared; a plain attribute, not a submodule
+        self.scaling = spec.scaling
+        self.keys = spec.expert_keys()  # global expert id -> parameter name
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        r, device = spec.rank, base_layer.weight.device
+        if self.conv_fn is None:
+            a_shape, b_shape = (r, base_layer.in_features), (base_layer.out_features, r)
+        else:  # A: conv with the base kernel/stride/padding; B: 1x1 conv (as PEFT)
+            kernel = tuple(base_layer.kernel_size)
+            a_shape, b_shape = (
+                (r, base_layer.in_channels, *kernel),
+                (base_layer.out_channels, r, *[1] * len(kernel)),
+            )
+            self.conv_kwargs = dict(
+                stride=base_layer.stride, padding=base_layer.padding, dilation=base_layer.dilation
+            )
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for key in self.keys:
+            a = torch.empty(a_shape, device=device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init of A
+            self.lora_A[key] = nn.Parameter(a)
+            self.lora_B[key] = nn.Parameter(
+                torch.zeros(b_shape, device=device)
+            )  # B = 0: starts as the base layer
+        self.router = (
+            Router(base_layer, spec.num_gates, spec.num_timesteps, spec.router)
+            if spec.num_gates > 0
+            else None
+        )
+        self.symmetric = spec.router == "symmetric"
+        self.merged: int | None = None  # global id of the expert merged into the base weight
+        self._base_weight: torch.Tensor | None = None  # original weight while merged
+
+    # ------------------------------------------------------------------------------------------------
+    # single expert
+    # ------------------------------------------------------------------------------------------------
+    def _lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.conv_fn is None:
+            return F.linear(F.linear(x, a), b)  # (B, *, r) -> (B, *, out)
+        return self.conv_fn(self.conv_fn(x, a, **self.conv_kwargs), b)  # (B, r, *) -> (B, out, *)
+
+    def delta_weight(self, expert: int) -> torch.Tensor:
+        """s * B A for one expert, shaped like the base weight (float32)."""
+        key = self.keys[expert]
+        a, b = self.lora_A[key], self.lora_B[key]
+        if self.conv_fn is None:
+            return self.scaling * (b @ a)
+        return self.scaling * torch.einsum("or,ri...->oi...", b.flatten(1), a)
+
+    # ------------------------------------------------------------------------------------------------
+    # mixed batches
+    # ------------------------------------------------------------------------------------------------
+    def _route(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """s * B A x with each sample's expert; x is the (dropped-out, float32) input."""
+        if route.uniform is not None:
+            key = self.keys[route.uniform]
+            return self.scaling * self._lora(x, self.lora_A[key], self.lora_B[key])
+        rows = route.rows(x.shape[0])  # (B,) position of each row's expert in route.used
+        if self.conv_fn is None:
+            a = torch.stack([self.lora_A[self.keys[e]] for e in route.used])  # (k, r, in)
+            b = torch.stack([self.lora_B[self.keys[e]] for e in route.used])  # (k, out, r)
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
+            h = torch.bmm(x3, a[rows].transpose(1, 2))  # (B, L, r)
+            y = torch.bmm(h, b[rows].transpose(1, 2))  # (B, L, out)
+            return self.scaling * y.reshape(*x.shape[:-1], y.shape[-1])
+        out = None
+        for pos, expert in enumerate(route.used):  # a loop over experts, never over samples
+            idx = (rows == pos).nonzero().squeeze(1)
+            key = self.keys[expert]
+            y = self._lora(x.index_select(0, idx), self.lora_A[key], self.lora_B[key])
+            if out is None:
+                out = y.new_zeros((x.shape[0], *y.shape[1:]))
+            out = out.index_copy(0, idx, y)
+        return self.scaling * out
+
+    # ------------------------------------------------------------------------------------------------
+    # merge / unmerge
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, expert: int) -> None:
+        """Put expert ``expert`` (global id) into the base weight; a no-op if it is there already."""
+        if self.merged == expert:
+            return
+        weight = self.base_layer.weight
+        if self._base_weight is None:
+            self._base_weight = weight.detach().clone()
+        else:
+            weight.copy_(self._base_weight)
+        weight.add_(self.delta_weight(expert).to(weight.dtype))
+        self.merged = expert
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original base weight exactly."""
+        if self._base_weight is not None:
+            self.base_layer.weight.copy_(self._base_weight)
+        self._base_weight = None
+        self.merged = None
+
+    # ------------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        state = self.routing.state
+        if state is None:
+            raise TsmError(
+                "expert layer called before any timestep was set: call the model with a `timestep`, "
+                "or tsm.set_timesteps(model, t) for a model that has none (text encoders)"
+            )
+        main = state.main
+        merge = (
+            not self.training
+            and not torch.is_grad_enabled()
+            and main.uniform is not None
+            and not self.symmetric
+        )
+        if merge:
+            self.merge(main.uniform)
+        elif self.merged is not None:
+            self.unmerge()
+        out = self.base_layer(x, *args, **kwargs)
+        if merge and not state.context:
+            return out  # sampling a fostered model: exactly the base model's cost
+        z = x.to(torch.float32)
+        zd = self.dropout(z)
+        gates = self.router(z, state.t_index) if (state.context or self.symmetric) else None
+        gate_axis = -1 if self.conv_fn is None else 1
+        delta = None
+        if not merge:
+            delta = self._route(zd, main)
+            if self.symmetric:
+                delta = delta * gates.narrow(gate_axis, 0, 1)
+        first = 1 if self.symmetric else 0
+        for j, route in enumerate(state.context):
+            term = gates.narrow(gate_axis, first + j, 1) * self._route(zd, route)
+            delta = term if delta is None else delta + term
+        return out if delta is None else out + delta.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={len(self.keys)}, scaling={self.scaling:g}, merged={self.merged}"

@@ -1,0 +1,40 @@
+"""Loss normalisation and gradient clipping per expert, so that fostering every expert in one run with
+mixed-timestep batches takes the same optimizer steps as fostering each expert alone on its own samples."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tsm.inject import expert_layers, get_routing
+
+
+def expert_loss_weights(model: nn.Module) -> torch.Tensor:
+    """Per-sample loss weights (B,) of the last routed forward: 1 / (samples sharing this sample's expert).
+
+    ``(weights * per_sample_loss).sum()`` is the sum over experts of each expert's own mean loss, so each
+    expert's gradient is the one a separate run on its samples would get.
+    """
+    state = get_routing(model).state
+    if state is None:
+        raise ValueError("no routed forward yet: run the model before asking for loss weights")
+    local = state.main.local
+    counts = torch.bincount(local, minlength=len(state.main.used)).to(torch.float32)
+    return 1.0 / counts[local]
+
+
+def clip_grad_norm_per_expert(model: nn.Module, max_norm: float) -> dict[str, float]:
+    """Clip each expert's gradient (its A and B in every layer) to ``max_norm`` on its own; routers together.
+
+    Returns the norm before clipping of every expert (and of ``"router"``) that has a gradient.
+    """
+    groups: dict[str, list[torch.Tensor]] = {}
+    for _, layer in expert_layers(model):
+        for key in layer.keys:
+            for p in (layer.lora_A[key], layer.lora_B[key]):
+                if p.grad is not None:
+                    groups.setdefault(key, []).append(p)
+        if layer.router is not None:
+            groups.setdefault("router", []).extend(p for p in layer.router.parameters() if p.grad is not None)
+    get_routing(model)
+    return {k: float(nn.utils.clip_grad_norm_(ps, max_norm)) for k, ps in groups.items() if ps}

@@ -1,0 +1,94 @@
+"""`ExpertSpec`: what experts a model gets. Saved as JSON in every checkpoint's metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tsm.errors import TsmError
+from tsm.intervals import DEFAULT_NUM_TIMESTEPS, Scale, check_scales, num_intervals
+
+ROUTERS = ("asymmetric", "symmetric", "z_only", "t_only")
+
+
+@dataclass
+class ExpertSpec:
+    """Timestep LoRA experts for one model.
+
+    ``ExpertSpec(scales=(8, 1), rank=4, alpha=4, targets=["to_q", "to_k", "to_v", "to_out.0"])`` gives every
+    targeted layer 8 + 1 experts: scale 0 (the finest, the *core*) cuts [0, T] into 8 intervals, scale 1 is
+    one full-range *context* expert. ``scales=(1,)`` is a plain LoRA.
+    """
+
+    scales: tuple[Scale, ...] = (
+        8,
+        1,
+    )  # finest first; an int n (uniform) or a list of cut points such as [875]
+    rank: int = 4  # LoRA rank r of every expert
+    alpha: float | None = None  # LoRA alpha; the update is scaled by alpha / rank (None: alpha = rank)
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # ^ module-name suffixes as in PEFT's target_modules, or "re:<regex>" matched against the full name
+    dropout: float = 0.0  # dropout on the expert input (PEFT's lora_dropout)
+    num_timesteps: int = DEFAULT_NUM_TIMESTEPS  # T: timesteps live in [0, T]
+    router: str = "asymmetric"  # asymmetric (paper) | symmetric (no core) | z_only | t_only (ablations)
+    timestep_scale: float = (
+        1.0  # multiplies the model's `timestep` argument (1000 for Flux-style t in [0, 1])
+    )
+
+    def __post_init__(self) -> None:
+        self.scales = check_scales(self.scales, self.num_timesteps)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise TsmError(f"rank must be a positive int, got {self.rank!r}")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if not self.alpha > 0:
+            raise TsmError(f"alpha must be positive, got {self.alpha!r}")
+        if isinstance(self.targets, str) or not self.targets:
+            raise TsmError(f"targets must be a non-empty list of module names, got {self.targets!r}")
+        self.targets = list(self.targets)
+        if not 0.0 <= self.dropout < 1.0:
+            raise TsmError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.router not in ROUTERS:
+            raise TsmError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if not self.timestep_scale > 0:
+            raise TsmError(f"timestep_scale must be positive, got {self.timestep_scale!r}")
+
+    @property
+    def scaling(self) -> float:
+        """The factor s = alpha / rank in front of every B A x."""
+        return float(self.alpha) / self.rank
+
+    @property
+    def experts_per_scale(self) -> tuple[int, ...]:
+        return tuple(num_intervals(s) for s in self.scales)
+
+    @property
+    def num_gates(self) -> int:
+        """Router outputs per layer: the context scales, or every scale when the router is symmetric."""
+        m = len(self.scales)
+        return m if self.router == "symmetric" else m - 1
+
+    def expert_keys(self) -> list[str]:
+        """Parameter names of all experts, in global order: ``s{scale}_i{index}``, finest scale first."""
+        return [f"s{s}_i{i}" for s, n in enumerate(self.experts_per_scale) for i in range(n)]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["scales"] = [s if isinstance(s, int) else list(s) for s in self.scales]
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExpertSpec:
+        try:
+            d: dict[str, Any] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TsmError(f"expert spec metadata is not valid JSON ({e}); the file is corrupt") from None
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise TsmError(
+                f"expert spec has unknown fields {sorted(unknown)}; was it written by a newer tsm?"
+            )
+        d["scales"] = tuple(s if isinstance(s, int) else tuple(s) for s in d.get("scales", (8, 1)))
+        return cls(**d)
