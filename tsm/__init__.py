@@ -13,6 +13,15 @@ from tsm.inject import (
     unmerge_all,
 )
 from tsm.intervals import expert_index, interval_bounds, sample_timesteps
+from tsm.io import (
+    export_all_lora,
+    export_lora,
+    import_lora,
+    load,
+    read_metadata,
+    read_spec,
+    save,
+)
 from tsm.spec import ExpertSpec
 
 __all__ = [
@@ -24,10 +33,17 @@ __all__ = [
     "expert_index",
     "expert_layers",
     "expert_loss_weights",
+    "export_all_lora",
+    "export_lora",
     "get_routing",
+    "import_lora",
     "interval_bounds",
+    "load",
+    "read_metadata",
+    "read_spec",
     "remove_experts",
     "sample_timesteps",
+    "save",
     "set_stage",
     "set_timesteps",
     "unmerge_all",

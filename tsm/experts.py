@@ -82,6 +82,7 @@ class ExpertLayer(nn.Module):
         self.symmetric = spec.router == "symmetric"
         self.merged: int | None = None  # global id of the expert merged into the base weight
         self._base_weight: torch.Tensor | None = None  # original weight while merged
+        self.train(base_layer.training)  # a model loaded in eval mode stays in eval mode (merge, no dropout)
 
     # ------------------------------------------------------------------------------------------------
     # single expert

@@ -40,6 +40,10 @@ class _Hook:
             return  # no timestep this call: keep the routing set by the caller
         if t is None:
             return
+        if (
+            isinstance(t, torch.Tensor) and t.dim() > 1
+        ):  # per-token timesteps (Wan 2.2 TI2V): the sample's noise level
+            t = t.flatten(1).amax(1)
         first = next(
             (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None
         )

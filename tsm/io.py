@@ -1,0 +1,376 @@
+"""Checkpoints of timestep experts (safetensors + metadata), and experts as plain diffusers/PEFT LoRA files.
+
+``save``/``load`` keep every expert and router parameter, named relative to the model
+(``...attn1.to_q.lora_A.s0_i3``, ``...attn1.to_q.router.table``), with the `ExpertSpec` and the stage in the
+file's metadata, so a checkpoint says what model it fits. Files are safetensors only: nothing is unpickled.
+
+``export_lora`` writes one expert as the LoRA file diffusers' ``save_lora_weights`` would write
+(``unet.{module}.lora_A.weight`` / ``lora_B.weight``), so ``pipe.load_lora_weights(path)`` gives the same
+model at that expert's timesteps; ``import_lora`` goes the other way, to start experts from an existing LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from tsm.errors import TsmError
+from tsm.inject import expert_layers, get_routing
+from tsm.intervals import interval_bounds
+from tsm.spec import ExpertSpec
+
+FORMAT = "1"  # tsm_format in the metadata; bump when the key layout changes
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # pipeline prefixes
+PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts in front of module names
+# LoRA key suffixes we read: PEFT/diffusers names, and the kohya-style down/up names
+LORA_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_down.weight": "A",
+    ".lora_up.weight": "B",
+    ".alpha": "alpha",
+}
+SPEC_FIELDS_IGNORED = ("dropout",)  # changes training noise only, not what the weights compute
+
+PathLike = str | os.PathLike
+
+
+# ----------------------------------------------------------------------------------------------------
+# file helpers
+# ----------------------------------------------------------------------------------------------------
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file through a temp file in the same directory, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one filesystem
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _open(path: PathLike, read_tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; any failure becomes one line saying what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise TsmError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        raise TsmError(f"{path} is a directory; pass the .safetensors file inside it")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if read_tensors else {}
+    except Exception as e:  # SafetensorError, OSError, decode errors: never a deep traceback
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TsmError(
+            f"cannot read {path} as safetensors ({reason}); the file is truncated, corrupt or another format"
+        ) from None
+    return metadata, tensors
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (empty if it has none), without reading its tensors (``tsm info``)."""
+    return _open(path, read_tensors=False)[0]
+
+
+def _spec_of(metadata: Mapping[str, str], path: PathLike) -> ExpertSpec:
+    if "tsm_spec" not in metadata:
+        raise TsmError(
+            f"{path} is not a tsm checkpoint (no tsm metadata); for a plain LoRA file use tsm.import_lora"
+        )
+    return ExpertSpec.from_json(metadata["tsm_spec"])
+
+
+def read_spec(path: PathLike) -> ExpertSpec:
+    """The `ExpertSpec` stored in a tsm checkpoint (or in an expert exported by `export_lora`)."""
+    return _spec_of(read_metadata(path), path)
+
+
+def _few(names: Iterable[str], n: int = 3) -> str:
+    """'a, b, c (+5 more)': enough names to find the problem, on one line."""
+    names = sorted(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+# ----------------------------------------------------------------------------------------------------
+# save / load
+# ----------------------------------------------------------------------------------------------------
+def expert_state(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every expert and router parameter, named relative to the model (the base layers are left out)."""
+    get_routing(model)
+    state = {}
+    for name, layer in expert_layers(model):
+        for pname, p in layer.named_parameters():
+            if not pname.startswith("base_layer."):
+                state[f"{name}.{pname}"] = p
+    return state
+
+
+def save(model: nn.Module, path: PathLike) -> Path:
+    """Write the model's experts and routers to ``path`` (safetensors), with the spec and stage as metadata."""
+    routing = get_routing(model)
+    metadata = {"tsm_format": FORMAT, "tsm_spec": routing.spec.to_json(), "tsm_stage": routing.stage}
+    return _atomic_save(expert_state(model), path, metadata)
+
+
+def _spec_diff(
+    file: ExpertSpec, model: ExpertSpec, ignored: tuple[str, ...] = SPEC_FIELDS_IGNORED
+) -> list[str]:
+    """'rank 4 != 8' for every field that differs (file value first), compared as their JSON forms."""
+    a, b = json.loads(file.to_json()), json.loads(model.to_json())
+    return [f"{k} {a[k]} != {b[k]}" for k in a if k not in ignored and a[k] != b.get(k)]
+
+
+def load(model: nn.Module, path: PathLike, experts_only: bool = False) -> dict[str, str]:
+    """Load a checkpoint written by `save` into a model that has the same experts; returns the metadata.
+
+    The model's stage is left as it is (the file's stage is ``metadata["tsm_stage"]``): loading a fostered
+    checkpoint into a model about to be assembled is the normal flow. ``experts_only`` loads the experts
+    and leaves the routers as they are, so the router variant may differ (assembling ablations).
+    """
+    routing = get_routing(model)
+    metadata, tensors = _open(path, read_tensors=True)
+    if "tsm_format" not in metadata:
+        _spec_of(metadata, path)  # raises the "not a tsm checkpoint" error
+        raise TsmError(f"{path} is an expert exported as a LoRA, not a checkpoint; use tsm.import_lora")
+    if metadata["tsm_format"] != FORMAT:
+        raise TsmError(f"{path} has tsm_format {metadata['tsm_format']!r}, this tsm reads {FORMAT!r}")
+    ignored = SPEC_FIELDS_IGNORED + (("router",) if experts_only else ())
+    diff = _spec_diff(_spec_of(metadata, path), routing.spec, ignored)
+    if diff:
+        raise TsmError(
+            f"{path} holds other experts than the model ({'; '.join(diff)}; file != model); "
+            "add experts with tsm.read_spec(path) to load it"
+        )
+    params = expert_state(model)
+    if experts_only:
+        params = {k: p for k, p in params.items() if ".router." not in k}
+        tensors = {k: v for k, v in tensors.items() if ".router." not in k}
+    missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
+    if missing or unexpected:
+        raise TsmError(
+            f"{path} does not fit {type(model).__name__}: missing {len(missing)} key(s) [{_few(missing)}], "
+            f"unexpected {len(unexpected)} [{_few(unexpected)}]; was it saved from another model?"
+        )
+    bad = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(p.shape)}"
+        for k, p in params.items()
+        if p.shape != tensors[k].shape
+    ]
+    if bad:
+        raise TsmError(f"{path}: shapes differ from the model's (file != model): {_few(bad)}")
+    for _, layer in expert_layers(model):
+        layer.unmerge()  # a merged base weight holds the old expert
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+    return metadata
+
+
+def describe(path: PathLike) -> str:
+    """A few lines saying what a tsm checkpoint (or an exported expert, or a plain LoRA) holds."""
+    metadata, tensors = _open(path, read_tensors=True)
+    size = sum(v.numel() for v in tensors.values())
+    lines = [f"{path}: {len(tensors)} tensors, {size:,} values"]
+    if "tsm_spec" not in metadata:
+        lines.append("  no tsm metadata: a plain LoRA file? (tsm.import_lora reads it)")
+        return "\n".join(lines)
+    spec = ExpertSpec.from_json(metadata["tsm_spec"])
+    kind = "checkpoint" if "tsm_format" in metadata else "exported expert (diffusers LoRA format)"
+    lines.append(f"  {kind}; stage: {metadata.get('tsm_stage', '-')}")
+    lines.append(
+        f"  scales: {list(spec.scales)} -> experts per scale {list(spec.experts_per_scale)}; rank {spec.rank}, "
+        f"alpha {spec.alpha:g}; router: {spec.router}; T = {spec.num_timesteps}"
+    )
+    layers = sorted({k.split(".lora_")[0] for k in tensors if ".lora_" in k})
+    lines.append(f"  {len(layers)} layers, targets {spec.targets}")
+    routers = sum(v.numel() for k, v in tensors.items() if ".router." in k)
+    lines.append(f"  expert values: {size - routers:,}; router values: {routers:,}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one expert <-> a plain LoRA file
+# ----------------------------------------------------------------------------------------------------
+def default_prefix(model: nn.Module) -> str:
+    """The pipeline component name diffusers expects in LoRA keys: unet, transformer, text_encoder, or none."""
+    classes = type(model).__mro__
+    if any(c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers") for c in classes):
+        return "unet" if "UNet" in type(model).__name__ else "transformer"
+    if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in classes):
+        return "text_encoder"
+    return ""
+
+
+def _expert_keys(spec: ExpertSpec, scale: int | None, index: int | None) -> list[str]:
+    """Parameter keys of the experts chosen by (scale, index); None picks all of them."""
+    counts = spec.experts_per_scale
+    if index is not None and scale is None:
+        raise TsmError("index needs a scale too: pass scale=s, index=i")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, int) or not 0 <= scale < len(counts)
+    ):
+        raise TsmError(f"scale must be an int in [0, {len(counts)}) (0 is the finest), got {scale!r}")
+    if index is not None and (
+        isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < counts[scale]
+    ):
+        raise TsmError(
+            f"scale {scale} has {counts[scale]} experts; index must be in [0, {counts[scale]}), got {index!r}"
+        )
+    return [
+        f"s{s}_i{i}"
+        for s, n in enumerate(counts)
+        for i in range(n)
+        if scale in (None, s) and index in (None, i)
+    ]
+
+
+def export_lora(
+    model: nn.Module, path: PathLike, scale: int = 0, index: int = 0, prefix: str | None = None
+) -> Path:
+    """Write expert (``scale``, ``index``) as a diffusers/PEFT LoRA file: ``{prefix}.{module}.lora_A.weight``.
+
+    alpha / rank is baked into lora_B and no alpha is written, because diffusers loads a LoRA without alpha
+    metadata with lora_alpha = r, i.e. scale 1.0. ``prefix`` defaults to `default_prefix`; "" writes none,
+    for ``unet.load_lora_adapter(path, prefix=None)`` or PEFT (``pipe.load_lora_weights`` would only warn and
+    load nothing).
+    """
+    spec = get_routing(model).spec
+    if scale is None or index is None:
+        raise TsmError("export_lora writes one expert: pass scale=s and index=i (export_all_lora writes all)")
+    (key,) = _expert_keys(spec, scale, index)
+    prefix = default_prefix(model) if prefix is None else prefix
+    head = f"{prefix}." if prefix else ""
+    tensors = {}
+    for name, layer in expert_layers(model):
+        if layer.conv_fn is not None and any(d != 1 for d in layer.base_layer.dilation):
+            raise TsmError(
+                f"{name} is a dilated conv, and PEFT's LoRA convs ignore dilation: the exported expert would "
+                "compute something else; drop it from the targets to export"
+            )
+        tensors[f"{head}{name}.lora_A.weight"] = layer.lora_A[key].detach()  # (r, in[, *k])
+        tensors[f"{head}{name}.lora_B.weight"] = layer.scaling * layer.lora_B[key].detach()  # (out, r[, 1..])
+    lo, hi = interval_bounds(index, spec.scales[scale], spec.num_timesteps)
+    expert = {"scale": scale, "index": index, "interval": [lo, hi]}
+    # "format": "pt" is what diffusers' own save_lora_weights writes
+    metadata = {"format": "pt", "tsm_spec": spec.to_json(), "tsm_expert": json.dumps(expert)}
+    return _atomic_save(tensors, path, metadata)
+
+
+def export_all_lora(model: nn.Module, directory: PathLike, prefix: str | None = None) -> list[Path]:
+    """Export every expert to ``directory/expert_s{scale}_i{index}.safetensors``; returns the paths."""
+    spec = get_routing(model).spec
+    return [
+        export_lora(model, Path(directory) / f"expert_s{s}_i{i}.safetensors", s, i, prefix)
+        for s, n in enumerate(spec.experts_per_scale)
+        for i in range(n)
+    ]
+
+
+def _strip_component(keys: list[str], prefix: str | None, model: nn.Module) -> dict[str, str]:
+    """Map each LoRA key to its module-relative name, keeping only the keys of our pipeline component.
+
+    ``prefix`` None: a LoRA whose keys start with pipeline components (``unet.``, ``text_encoder.``...) gives
+    the keys of `default_prefix`; an unprefixed one (PEFT's files, ``unet.save_lora_adapter``) is taken whole.
+    """
+    names = {k: k.removeprefix(PEFT_PREFIX) for k in keys}
+    components = {n.split(".", 1)[0] for n in names.values()} & set(COMPONENTS)
+    if prefix == "" or (prefix is None and not components):
+        return names
+    prefix = default_prefix(model) if prefix is None else prefix
+    ours = {k: n.removeprefix(f"{prefix}.") for k, n in names.items() if n.startswith(f"{prefix}.")}
+    if not ours:
+        has = f"keys of {_few(components)}" if components else "unprefixed keys"
+        raise TsmError(
+            f"the LoRA has {has}, none with prefix {prefix!r} for {type(model).__name__}; "
+            "pass prefix= to pick its component"
+        )
+    return ours
+
+
+def import_lora(
+    model: nn.Module,
+    lora: Mapping[str, torch.Tensor] | PathLike,
+    scale: int | None = None,
+    index: int | None = None,
+    prefix: str | None = None,
+) -> dict[str, list[str]]:
+    """Start experts from an existing LoRA (a dict of tensors, or a safetensors path); returns a summary.
+
+    Keys are PEFT/diffusers names (``{module}.lora_A.weight``, ``lora_B.weight``, optional ``{module}.alpha``)
+    or kohya's ``lora_down``/``lora_up``; a leading ``base_model.model.`` and the component prefix
+    (``unet.``...) are stripped. B is rescaled so that each expert's s * B A equals the source's
+    (alpha / r) * B A (no alpha: 1.0, the diffusers convention). All experts get the LoRA by default, or the
+    experts of ``scale``, or the one expert (``scale``, ``index``). Our layers that the LoRA does not cover
+    are left as they are and listed under "missing"; the ones set are under "loaded".
+    """
+    spec = get_routing(model).spec
+    keys = _expert_keys(spec, scale, index)
+    tensors = dict(lora) if isinstance(lora, Mapping) else _open(lora, read_tensors=True)[1]
+    names = _strip_component(list(tensors), prefix, model)
+
+    modules: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {"A", "B", "alpha"}
+    for key, name in names.items():
+        suffix = next((s for s in LORA_SUFFIXES if name.endswith(s)), None)
+        if suffix is None:
+            raise TsmError(
+                f"unsupported LoRA key {key!r}: only lora_A/lora_B (or lora_down/lora_up) weights and alpha "
+                "can become experts (no DoRA, no LoRA bias)"
+            )
+        modules.setdefault(name.removesuffix(suffix), {})[LORA_SUFFIXES[suffix]] = tensors[key]
+
+    layers = dict(expert_layers(model))
+    unknown = modules.keys() - layers.keys()
+    if unknown:
+        raise TsmError(
+            f"LoRA modules match no expert layer of {type(model).__name__}: {_few(unknown)}; "
+            "add them to the spec's targets, or pass prefix="
+        )
+    for name, parts in modules.items():
+        if "A" not in parts or "B" not in parts:
+            raise TsmError(f"LoRA module {name} has no {'lora_A' if 'A' not in parts else 'lora_B'} weight")
+        rank = parts["A"].shape[0]
+        if rank != spec.rank:
+            raise TsmError(
+                f"LoRA rank {rank} != the experts' rank {spec.rank} ({name}); add experts with rank={rank}"
+            )
+
+    weights = {}  # module -> (A, B) in our shapes, B rescaled; all checked before anything is copied
+    for name, parts in modules.items():
+        layer = layers[name]
+        src_scale = float(parts["alpha"]) / spec.rank if "alpha" in parts else 1.0
+        a = _fit(parts["A"], layer.lora_A[keys[0]], name, "lora_A")
+        b = _fit(parts["B"], layer.lora_B[keys[0]], name, "lora_B") * (src_scale / layer.scaling)
+        weights[name] = a, b
+
+    for layer in layers.values():
+        layer.unmerge()  # a merged base weight would keep the old expert
+    with torch.no_grad():
+        for name, (a, b) in weights.items():
+            for key in keys:
+                layers[name].lora_A[key].copy_(a)
+                layers[name].lora_B[key].copy_(b)
+    return {"loaded": sorted(modules), "missing": sorted(layers.keys() - modules.keys())}
+
+
+def _fit(src: torch.Tensor, ours: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """``src`` as float32 in the shape of ``ours``; trailing 1x1 kernel dims may be absent in the source."""
+    same_core = src.shape[:2] == ours.shape[:2] and src.numel() == ours.numel()
+    if src.shape != ours.shape and not same_core:
+        raise TsmError(
+            f"LoRA {what} of {name} has shape {tuple(src.shape)}, the experts need {tuple(ours.shape)}"
+        )
+    return src.detach().to(torch.float32).reshape(ours.shape)
