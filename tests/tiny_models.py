@@ -1,0 +1,107 @@
+"""Tiny random models written in diffusers layout (save_pretrained), for the from_pretrained code paths.
+
+``write_tiny_model("sd15", path)`` writes unet/, vae/, text_encoder/, tokenizer/, scheduler/ and a
+model_index.json, as a user's SD1.5 folder would be laid out; likewise pixart, sd3 and video3d.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import (
+    tiny_clip_text,
+    tiny_clip_text_with_projection,
+    tiny_pixart,
+    tiny_sd3,
+    tiny_t5,
+    tiny_unet2d,
+    tiny_unet3d,
+    tiny_vae,
+)
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def clip_tokenizer():
+    """A character-level CLIP tokenizer (every letter a token): real tokenization code, a 74-token vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in LETTERS:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + ch, -1.0) for ch in LETTERS] + [(ch, -2.0) for ch in LETTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=16)
+
+
+def _scheduler_ddpm():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000
+    )
+
+
+def write_tiny_model(family: str, path: str | Path) -> Path:
+    """Write a tiny random model of ``family`` to ``path`` in diffusers layout; returns the path."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = Path(path)
+    parts: dict[str, object] = {"vae": tiny_vae()}
+    if family == "sd15":
+        parts.update(unet=tiny_unet2d(), text_encoder=tiny_clip_text(), tokenizer=clip_tokenizer())
+        parts["scheduler"] = _scheduler_ddpm()
+    elif family == "video3d":
+        parts.update(unet=tiny_unet3d(), text_encoder=tiny_clip_text(), tokenizer=clip_tokenizer())
+        parts["scheduler"] = _scheduler_ddpm()
+    elif family == "pixart":
+        parts.update(transformer=tiny_pixart(), text_encoder=tiny_t5(), tokenizer=t5_tokenizer())
+        parts["scheduler"] = _scheduler_ddpm()
+    elif family == "sd3":
+        parts.update(
+            transformer=tiny_sd3(),  # joint_attention_dim 64 = T5 width >= the two CLIP widths (32 + 32)
+            text_encoder_3=tiny_t5(d_model=64),
+            text_encoder=tiny_clip_text_with_projection(0),
+            text_encoder_2=tiny_clip_text_with_projection(1),
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(),
+            tokenizer_3=t5_tokenizer(),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        )
+    else:
+        raise ValueError(family)
+    index = {"_class_name": "tiny-" + family}
+    for name, part in parts.items():
+        part.save_pretrained(path / name)
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def write_digit_clips(root: str | Path, n: int = 4, frames: int = 3, size: int = 16) -> Path:
+    """Clips of real digits (scikit-learn's 8x8 set) drifting one pixel per frame, as frame folders + captions."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = Path(root)
+    for k in range(n):
+        clip = root / f"clip{k:03d}"
+        clip.mkdir(parents=True)
+        image = (digits.images[k] / 16 * 255).astype(np.uint8)
+        for f in range(frames):
+            frame = (
+                Image.fromarray(np.roll(image, f, axis=1)).resize((size, size), Image.NEAREST).convert("RGB")
+            )
+            frame.save(clip / f"{f:03d}.png")
+        (root / f"clip{k:03d}.txt").write_text(f"a moving digit {digits.target[k]}")
+    return root

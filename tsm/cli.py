@@ -1,0 +1,148 @@
+"""`tsm <command>`: train, sample, export, info.
+
+    tsm train configs/sd15_foster.yaml train.steps=100 [--resume]
+    tsm sample runs/sd15_foster --prompt "a photo of a dog" --seeds 0 1 2 --steps 25
+    tsm export runs/sd15_foster --scale 0 --index 3 --out expert.safetensors     (or --all --out DIR)
+    tsm info runs/sd15_foster/unet.safetensors
+
+Bad input (a config typo, a missing folder, a corrupt or mismatched checkpoint) ends with one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tsm.errors import TsmError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from tsm.config import load_config
+    from tsm.recipes.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from tsm.images import save_images
+    from tsm.recipes.train import load_run
+    from tsm.sampling import sample
+
+    cfg, c = load_run(args.run)
+    prompts = args.prompt or cfg.train.validation_prompts
+    pairs = [(p, s) for p in prompts for s in args.seeds]
+    images = sample(
+        c,
+        [p for p, _ in pairs],
+        [s for _, s in pairs],
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        resolution=args.resolution or cfg.data.resolution,
+        num_frames=cfg.data.num_frames,
+    )
+    out = Path(args.out or Path(args.run) / "samples")
+    names = [f"p{i // len(args.seeds):02d}_seed{s}" for i, (_, s) in enumerate(pairs)]
+    grid = save_images(images, out, names, columns=len(args.seeds))
+    (out / "prompts.json").write_text(
+        json.dumps({n: p for n, (p, _) in zip(names, pairs, strict=True)}, indent=2)
+    )
+    print(f"wrote {len(names)} images and {grid}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from tsm import io
+    from tsm.recipes.train import load_run
+
+    _, c = load_run(args.run)
+    name = args.module or c.family.denoiser_subfolder
+    modules = c.modules()
+    if name not in modules or getattr(modules[name], "tsm_routing", None) is None:
+        raise TsmError(f"module {name!r} has no experts in {args.run}; choose from {', '.join(modules)}")
+    if args.all:
+        paths = io.export_all_lora(modules[name], args.out)
+        print(f"wrote {len(paths)} LoRA files to {args.out}")
+    else:
+        io.export_lora(modules[name], args.out, scale=args.scale, index=args.index)
+        print(f"wrote {args.out}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from tsm import io
+
+    path = Path(args.path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise TsmError(f"{path} holds no .safetensors files")
+    for f in files:
+        print(io.describe(f))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tsm", description="Timestep LoRA experts for diffusers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train plain LoRA, foster or assemble experts from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="images from a trained run: PNG files and a grid")
+    p.add_argument("run", help="a run directory (or one of its checkpoints/step_N)")
+    p.add_argument(
+        "--prompt", action="append", help="a prompt (repeat for more; default: validation prompts)"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("export", help="one expert, or every expert, as diffusers LoRA files")
+    p.add_argument("run", help="a run directory (or one of its checkpoints/step_N)")
+    p.add_argument(
+        "--module", default=None, help="unet, transformer, text_encoder, ... (default: the denoiser)"
+    )
+    p.add_argument("--scale", type=int, default=0, help="0 = the finest scale (the core experts)")
+    p.add_argument("--index", type=int, default=0, help="interval index within the scale")
+    p.add_argument("--all", action="store_true", help="export every expert into the folder --out")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("info", help="what a checkpoint holds")
+    p.add_argument("path", help="a .safetensors file or a folder of them")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def _quiet_hub_libraries() -> None:
+    """Keep stderr for our progress bar and errors: no per-file loading bars from diffusers/transformers."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_hub_libraries()
+        args.func(args)
+    except TsmError as e:
+        print(f"tsm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tsm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Training configuration: dataclasses mirrored by YAML files in ``configs/``.
+
+``load_config("configs/sd15_foster.yaml", ["optim.lr=2e-4", "train.steps=100"])`` reads the YAML, applies
+``key=value`` overrides (dotted keys, values parsed as YAML), and checks every key: an unknown key is a
+one-line error that suggests the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tsm.errors import TsmError
+
+FAMILIES = ("sd15", "pixart", "sd3", "video3d")
+METHODS = ("lora", "foster", "assemble")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd15"  # sd15 | pixart | sd3 | video3d
+    path: str = ""  # hub id or local folder in diffusers layout (model_index.json + subfolders)
+    revision: str | None = None  # hub revision
+    prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction); flow for sd3
+
+
+@dataclass
+class ExpertsConfig:
+    scales: list[Any] = field(default_factory=lambda: [8, 1])  # finest first; ignored (=[1]) for method lora
+    rank: int = 4  # LoRA rank of every expert
+    alpha: float | None = None  # LoRA alpha (None: = rank)
+    dropout: float = 0.0  # lora_dropout
+    targets: list[str] | None = None  # denoiser modules (None: the family's default)
+    text_targets: list[str] | None = None  # text-encoder modules (None: the family's default; []: none)
+    router: str = "asymmetric"  # asymmetric | symmetric | z_only | t_only
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # image folder (.txt sidecars or metadata.jsonl) or folder of video clips
+    resolution: int = 512  # square side in pixels after resize + crop
+    center_crop: bool = True  # center crop (else random crop)
+    random_flip: bool = False  # horizontal flip augmentation
+    caption_dropout: float = 0.0  # probability of training on the empty caption
+    num_frames: int = 16  # frames per clip (video3d)
+    cache: bool = True  # cache VAE latents (and frozen text embeddings) on disk
+    cache_dir: str | None = None  # default: <output_dir>/cache
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # AdamW learning rate of the denoiser's adapters
+    weight_decay: float = 1e-2  # AdamW weight decay (denoiser)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    text_lr: float | None = None  # text-encoder adapters (None: = lr)
+    text_weight_decay: float | None = None  # text-encoder adapters (None: = weight_decay)
+    max_grad_norm: float | None = 1.0  # per-expert gradient clipping (None: off)
+    warmup_steps: int = 0  # linear warm-up, then constant
+
+
+@dataclass
+class ObjectiveConfig:
+    min_snr_gamma: float | None = None  # Min-SNR weighting (DDPM objectives)
+    weighting: str = "logit_normal"  # flow matching timestep density: none | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    method: str = "foster"  # lora (plain LoRA, n=1) | foster | assemble
+    experts_from: str | None = None  # assemble: the fostered checkpoint (a run dir or experts .safetensors)
+    only_expert: list[int] | None = None  # foster a single expert [scale, index], as the paper ran them
+    steps: int = 4000  # optimizer steps
+    batch_size: int = 64  # global batch (split over processes and accumulation steps)
+    grad_accum: int = 1  # gradient accumulation steps
+    mixed_precision: str = "no"  # no | bf16 | fp16 (adapters stay float32)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    output_dir: str = "runs/train"
+    checkpoint_every: int = 500  # steps between checkpoints
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10  # steps between tensorboard scalars
+    validate_every: int = 0  # steps between validation grids (0: only at the end)
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo"])
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    validation_steps: int = 25  # sampler steps of the validation grid
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    return {
+        "model": ModelConfig,
+        "experts": ExpertsConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "objective": ObjectiveConfig,
+        "train": TrainConfig,
+    }
+
+
+def _unknown(key: str) -> TsmError:
+    keys = [f"{s}.{f.name}" for s, cls in _section_types().items() for f in dataclasses.fields(cls)]
+    if "." not in key:  # a section name, or a bare field name
+        keys = [*_section_types(), *keys]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.4)
+    if not close:  # a misspelt field name in the right section, or a bare field name
+        close = difflib.get_close_matches(
+            key.split(".")[-1], [k.split(".")[1] for k in keys], n=1, cutoff=0.6
+        )
+        close = [k for k in keys if close and k.endswith("." + close[0])][:1]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return TsmError(f"unknown config key {key!r}{hint}")
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, rejecting unknown keys with a suggestion."""
+    if not isinstance(d, dict):
+        raise TsmError(
+            "a config must be a mapping of sections (model, experts, data, optim, objective, train)"
+        )
+    sections = {}
+    for name, value in d.items():
+        cls = _section_types().get(name)
+        if cls is None:
+            raise _unknown(str(name))
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise TsmError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(cls)
+        for k in value:
+            if k not in hints:
+                raise _unknown(f"{name}.{k}")
+        sections[name] = cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in value.items()})
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads 1e-4 as a string: turn strings into numbers where the field is numeric."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = set(typing.get_args(hint)) if union else {hint}
+    if value is None or type(value) in allowed or Any in allowed:
+        return value
+    if float in allowed and isinstance(value, int | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if int in allowed and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if any(typing.get_origin(a) is list for a in allowed) and isinstance(value, list | tuple):
+        return list(value)
+    names = ", ".join(getattr(a, "__name__", str(a)) for a in allowed)
+    raise TsmError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure is a one-line TsmError."""
+    if cfg.model.family not in FAMILIES:
+        raise TsmError(f"model.family must be one of {', '.join(FAMILIES)}, got {cfg.model.family!r}")
+    if cfg.train.method not in METHODS:
+        raise TsmError(f"train.method must be one of {', '.join(METHODS)}, got {cfg.train.method!r}")
+    if cfg.train.method == "assemble" and not cfg.train.experts_from:
+        raise TsmError("train.method=assemble needs train.experts_from: the fostered run or its experts file")
+    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise TsmError(f"train.mixed_precision must be no, bf16 or fp16, got {cfg.train.mixed_precision!r}")
+    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
+        if getattr(cfg.train, key) < 1:
+            raise TsmError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.train.only_expert is not None and len(cfg.train.only_expert) != 2:
+        raise TsmError(f"train.only_expert must be [scale, index], got {cfg.train.only_expert!r}")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise TsmError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TsmError(f"config file {path} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise TsmError(f"config file {path} is not valid YAML{where}") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        if len(keys) != 2:
+            raise _unknown(".".join(keys))
+        d.setdefault(keys[0], {})
+        if not isinstance(d[keys[0]], dict):
+            raise _unknown(".".join(keys))
+        d[keys[0]][keys[1]] = value
+    return config_from_dict(d)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

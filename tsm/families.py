@@ -1,0 +1,277 @@
+"""Model families: how to load, encode prompts for, and call each kind of diffusers model.
+
+Everything here uses the real ``from_pretrained`` of diffusers and transformers on a hub id or a local
+folder in diffusers layout (``unet/`` or ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``,
+``scheduler/``). A family differs from another only in the few things below; the training loop and the
+sampler are shared.
+
+    sd15     UNet2DConditionModel + CLIP                   epsilon/v (DDPM)
+    pixart   PixArtTransformer2DModel + T5                 epsilon (DDPM), learned sigma dropped
+    sd3      SD3Transformer2DModel (MM-DiT) + 2 CLIP + T5  flow matching
+    video3d  UNet3DConditionModel (VideoCrafter2-style) + CLIP, latents (B, C, F, h, w)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tsm.errors import TsmError
+from tsm.objectives import DDPMObjective, FlowMatchingObjective
+
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Components:
+    """A loaded model: the denoiser, its text encoders (by subfolder name), tokenizers, VAE and schedulers."""
+
+    family: Family
+    denoiser: nn.Module
+    text_encoders: dict[str, nn.Module]
+    tokenizers: dict[str, Any]
+    vae: nn.Module
+    scheduler: Any  # the model's own sampling scheduler
+    objective: DDPMObjective | FlowMatchingObjective
+    model_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The denoiser (under its subfolder name) and the text encoders: every module that can get experts."""
+        return {self.family.denoiser_subfolder: self.denoiser, **self.text_encoders}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
+        """Move everything to ``device``; cast the denoiser and text encoders (not the VAE) to ``dtype``."""
+        self.vae.to(device)
+        for m in self.modules().values():
+            m.to(device)
+            if dtype is not None and dtype != next(m.parameters()).dtype:
+                m.to(dtype)
+        return self
+
+
+def _load(cls: type, path: str, subfolder: str, revision: str | None, **kw: Any) -> Any:
+    local = Path(path)
+    if local.exists() and not (local / subfolder).is_dir():
+        raise TsmError(f"model folder {path} has no {subfolder}/ subfolder; is it a diffusers-layout model?")
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, revision=revision, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TsmError(f"cannot load {subfolder} from {path!r}: {first}") from None
+
+
+class Family:
+    """Defaults and calling conventions of one kind of model."""
+
+    name = ""
+    denoiser_subfolder = "unet"
+    denoiser_class = ""
+    text_subfolders: tuple[str, ...] = ("text_encoder",)
+    text_class = "CLIPTextModel"
+    default_targets: list[str] = ATTN
+    default_text_targets: list[str] = ["q_proj", "v_proj"]
+    video = False
+    max_text_length = 77
+
+    @property
+    def text_expert_subfolders(self) -> tuple[str, ...]:
+        """The text encoders that get ``text_targets`` experts."""
+        return self.text_subfolders
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self, path: str, revision: str | None = None, prediction_type: str | None = None) -> Components:
+        import diffusers
+        import transformers
+
+        if not path:
+            raise TsmError("model.path is empty: give a hub id or a local diffusers folder")
+        if not Path(path).exists() and Path(path).is_absolute():
+            raise TsmError(f"model folder {path} does not exist")
+        denoiser = _load(getattr(diffusers, self.denoiser_class), path, self.denoiser_subfolder, revision)
+        vae = _load(diffusers.AutoencoderKL, path, "vae", revision)
+        encoders, tokenizers = {}, {}
+        for i, sub in enumerate(self.text_subfolders):
+            cls = self.text_class_of(i)
+            encoders[sub] = _load(getattr(transformers, cls), path, sub, revision)
+            tok_sub = sub.replace("text_encoder", "tokenizer")
+            tokenizers[tok_sub] = _load(transformers.AutoTokenizer, path, tok_sub, revision)
+        scheduler_config = _load(diffusers.DDPMScheduler, path, "scheduler", revision).config
+        scheduler = self.sampling_scheduler(path, revision)
+        objective = self.objective(scheduler_config, prediction_type)
+        for m in (denoiser, vae, *encoders.values()):
+            m.requires_grad_(False)
+            m.eval()
+        return Components(self, denoiser, encoders, tokenizers, vae, scheduler, objective, path)
+
+    def text_class_of(self, i: int) -> str:
+        return self.text_class
+
+    def sampling_scheduler(self, path: str, revision: str | None) -> Any:
+        import diffusers
+
+        return _load(diffusers.DDIMScheduler, path, "scheduler", revision)
+
+    def objective(
+        self, scheduler_config: Any, prediction_type: str | None
+    ) -> DDPMObjective | FlowMatchingObjective:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(scheduler_config)
+        return DDPMObjective(sched.alphas_cumprod, prediction_type or sched.config.prediction_type)
+
+    # --- text --------------------------------------------------------------------------------------
+    def _tokens(
+        self, tokenizer: Any, captions: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        max_length = min(tokenizer.model_max_length, self.max_text_length)
+        enc = tokenizer(
+            captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Conditioning kwargs for `denoise`. Text-encoder experts must be routed (tsm.set_timesteps) before."""
+        encoder = c.text_encoders["text_encoder"]
+        ids, _ = self._tokens(c.tokenizers["tokenizer"], captions, encoder.device)
+        return {"encoder_hidden_states": encoder(ids)[0]}
+
+    # --- denoiser ------------------------------------------------------------------------------------
+    def denoise(
+        self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return c.denoiser(x, t, **cond).sample
+
+    # --- latents ---------------------------------------------------------------------------------------
+    def latent_dist(self, c: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior of images (B, 3, H, W), or of clips (B, 3, F, H, W) per frame."""
+        if self.video:
+            b, ch, f, h, w = pixels.shape
+            pixels = pixels.permute(0, 2, 1, 3, 4).reshape(b * f, ch, h, w)
+        dist = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist
+        mean, std = dist.mean, dist.std
+        if self.video:
+            mean, std = (v.reshape(b, f, *v.shape[1:]).permute(0, 2, 1, 3, 4) for v in (mean, std))
+        return mean, std
+
+    def scale_latents(self, c: Components, z: torch.Tensor) -> torch.Tensor:
+        shift = getattr(c.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * c.vae.config.scaling_factor
+
+    def decode(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]: (B, 3, H, W), or (B, 3, F, H, W) for video."""
+        shift = getattr(c.vae.config, "shift_factor", None) or 0.0
+        z = latents / c.vae.config.scaling_factor + shift
+        if self.video:
+            b, ch, f, h, w = z.shape
+            z = z.permute(0, 2, 1, 3, 4).reshape(b * f, ch, h, w)
+        x = c.vae.decode(z.to(c.vae.dtype)).sample
+        if self.video:
+            x = x.reshape(b, f, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+        return x.clamp(-1, 1)
+
+    def latent_shape(self, c: Components, resolution: int, num_frames: int) -> tuple[int, ...]:
+        factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+        side = resolution // factor
+        ch = c.vae.config.latent_channels
+        return (ch, num_frames, side, side) if self.video else (ch, side, side)
+
+
+class SD15(Family):
+    name = "sd15"
+    denoiser_class = "UNet2DConditionModel"
+
+
+class Video3D(Family):
+    name = "video3d"
+    denoiser_class = "UNet3DConditionModel"
+    default_targets = ["to_k", "to_v"]  # spatial and temporal attention
+    default_text_targets = ["out_proj"]
+    video = True
+
+
+class PixArt(Family):
+    name = "pixart"
+    denoiser_subfolder = "transformer"
+    denoiser_class = "PixArtTransformer2DModel"
+    text_class = "T5EncoderModel"
+    default_text_targets = ["q", "v"]
+    max_text_length = 120
+
+    def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoder = c.text_encoders["text_encoder"]
+        ids, mask = self._tokens(c.tokenizers["tokenizer"], captions, encoder.device)
+        return {"encoder_hidden_states": encoder(ids, attention_mask=mask)[0], "encoder_attention_mask": mask}
+
+    def denoise(
+        self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        out = c.denoiser(
+            x, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond
+        ).sample
+        if out.shape[1] == 2 * x.shape[1]:  # learned sigma: keep the noise prediction
+            out = out[:, : x.shape[1]]
+        return out
+
+
+class SD3(Family):
+    name = "sd3"
+    denoiser_subfolder = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
+    text_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    default_text_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    max_t5_length = 256
+
+    text_expert_subfolders = ("text_encoder", "text_encoder_2")  # the paper tunes the two CLIP encoders
+
+    def text_class_of(self, i: int) -> str:
+        return "T5EncoderModel" if i == 2 else "CLIPTextModelWithProjection"
+
+    def sampling_scheduler(self, path: str, revision: str | None) -> Any:
+        import diffusers
+
+        return _load(diffusers.FlowMatchEulerDiscreteScheduler, path, "scheduler", revision)
+
+    def objective(self, scheduler_config: Any, prediction_type: str | None) -> FlowMatchingObjective:
+        return FlowMatchingObjective(1000)
+
+    def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], []
+        for sub in ("text_encoder", "text_encoder_2"):
+            enc = c.text_encoders[sub]
+            ids, _ = self._tokens(
+                c.tokenizers[sub.replace("text_encoder", "tokenizer")], captions, enc.device
+            )
+            out = enc(ids, output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2])
+        clip = torch.cat(hidden, dim=-1)  # (B, 77, d1 + d2)
+        t5_enc = c.text_encoders["text_encoder_3"]
+        tok = c.tokenizers["tokenizer_3"]
+        max_length = min(tok.model_max_length, self.max_t5_length)
+        ids = tok(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        t5 = t5_enc(ids.input_ids.to(t5_enc.device))[0]  # (B, L, d_t5)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {
+            "encoder_hidden_states": torch.cat([clip, t5], dim=-2),
+            "pooled_projections": torch.cat(pooled, -1),
+        }
+
+    def denoise(
+        self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return c.denoiser(hidden_states=x, timestep=t, **cond).sample
+
+
+FAMILY_CLASSES: dict[str, type[Family]] = {"sd15": SD15, "pixart": PixArt, "sd3": SD3, "video3d": Video3D}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILY_CLASSES:
+        raise TsmError(f"unknown model family {name!r}; choose one of {', '.join(FAMILY_CLASSES)}")
+    return FAMILY_CLASSES[name]()
