@@ -30,11 +30,15 @@ def clip_grad_norm_per_expert(model: nn.Module, max_norm: float) -> dict[str, fl
     """
     groups: dict[str, list[torch.Tensor]] = {}
     for _, layer in expert_layers(model):
-        for key in layer.keys:
-            for p in (layer.lora_A[key], layer.lora_B[key]):
+        for key, a, b in zip(layer.keys, layer.lora_A.values(), layer.lora_B.values(), strict=True):
+            for p in (a, b):
                 if p.grad is not None:
                     groups.setdefault(key, []).append(p)
         if layer.router is not None:
             groups.setdefault("router", []).extend(p for p in layer.router.parameters() if p.grad is not None)
     get_routing(model)
-    return {k: float(nn.utils.clip_grad_norm_(ps, max_norm)) for k, ps in groups.items() if ps}
+    norms = {k: nn.utils.clip_grad_norm_(ps, max_norm) for k, ps in groups.items() if ps}
+    values = (
+        torch.stack(list(norms.values())).tolist() if norms else []
+    )  # one device sync, not one per expert
+    return dict(zip(norms, values, strict=True))

@@ -75,15 +75,16 @@ def check_timesteps(t: torch.Tensor, num_timesteps: int = DEFAULT_NUM_TIMESTEPS)
 
 
 def expert_index(
-    t: torch.Tensor | float, scale: Scale, num_timesteps: int = DEFAULT_NUM_TIMESTEPS
+    t: torch.Tensor | float, scale: Scale, num_timesteps: int = DEFAULT_NUM_TIMESTEPS, check: bool = True
 ) -> torch.Tensor:
     """Expert index of timestep(s) t at one scale, as a long tensor of t's shape.
 
     Uniform scale n: ``i = floor(t * n / T)`` clamped to [0, n-1] (exact integer arithmetic for
-    integer t). Cut points: ``i = #{c : c <= t}``.
+    integer t). Cut points: ``i = #{c : c <= t}``. ``check=False`` skips the range check (done by the caller).
     """
     t = torch.as_tensor(t)
-    check_timesteps(t, num_timesteps)
+    if check:
+        check_timesteps(t, num_timesteps)
     if isinstance(scale, int):
         if t.dtype.is_floating_point:
             i = torch.floor(t.double() * scale / num_timesteps).long()

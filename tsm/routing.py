@@ -33,10 +33,11 @@ class Route:
     uniform: int | None
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor) -> Route:
+    def from_ids(cls, ids: torch.Tensor, device: torch.device | str | None = None) -> Route:
+        """From host ids; the per-sample tensors are copied to ``device`` (where the layers run) once."""
         used, local = torch.unique(ids, sorted=True, return_inverse=True)
         used_list = used.tolist()
-        return cls(ids, used_list, local, used_list[0] if len(used_list) == 1 else None)
+        return cls(ids.to(device), used_list, local.to(device), used_list[0] if len(used_list) == 1 else None)
 
     def rows(self, batch: int) -> torch.Tensor:
         """``local`` expanded to a layer input whose batch is a multiple of the routed batch (frames, pixels)."""
@@ -88,6 +89,8 @@ class Routing:
         """Route the next forward(s) by timestep(s) t in [0, T]: a scalar, or one per sample."""
         spec = self.spec
         t = torch.as_tensor(t).detach().reshape(-1)
+        device = t.device
+        t = t.cpu()  # B values: route on the host, then copy once (no per-layer or per-scale device syncs)
         if spec.timestep_scale != 1.0:
             t = t.double() * spec.timestep_scale
         if t.numel() == 1 and batch_size is not None:
@@ -97,26 +100,28 @@ class Routing:
                 f"got {t.numel()} timesteps for a batch of {batch_size}; pass one per sample or a scalar"
             )
         check_timesteps(t, spec.num_timesteps)
-        per_scale = [expert_index(t, s, spec.num_timesteps) for s in spec.scales]  # m x (B,)
+        per_scale = [expert_index(t, s, spec.num_timesteps, check=False) for s in spec.scales]  # m x (B,)
         t_index = (t.floor() if t.dtype.is_floating_point else t).long().clamp(0, spec.num_timesteps - 1)
 
         if self.stage == "foster" and training:
-            scale_of = self._foster_scales(t.shape[0], t.device)  # (B,)
-            offsets = torch.tensor(self.offsets, device=t.device)[scale_of]
+            scale_of = self._foster_scales(t.shape[0])  # (B,)
+            offsets = torch.tensor(self.offsets)[scale_of]
             chosen = torch.stack(per_scale).gather(0, scale_of[None]).squeeze(0)
-            self.state = RoutingState(Route.from_ids(offsets + chosen), [], t_index)
+            self.state = RoutingState(Route.from_ids(offsets + chosen, device), [], t_index.to(device))
             return
         context = []
         if self.stage == "assemble":
-            context = [Route.from_ids(self.offsets[s] + per_scale[s]) for s in range(1, len(per_scale))]
-        self.state = RoutingState(Route.from_ids(per_scale[0]), context, t_index)
+            context = [
+                Route.from_ids(self.offsets[s] + per_scale[s], device) for s in range(1, len(per_scale))
+            ]
+        self.state = RoutingState(Route.from_ids(per_scale[0], device), context, t_index.to(device))
 
-    def _foster_scales(self, batch: int, device: torch.device) -> torch.Tensor:
+    def _foster_scales(self, batch: int) -> torch.Tensor:
         m = len(self.spec.scales)
         fs = self.foster_scales
         if fs is None:
-            return torch.arange(batch, device=device) % m
-        fs = torch.as_tensor(fs, device=device).long().reshape(-1)
+            return torch.arange(batch) % m
+        fs = torch.as_tensor(fs).cpu().long().reshape(-1)
         if fs.numel() == 1:
             fs = fs.expand(batch)
         if fs.numel() != batch or int(fs.min()) < 0 or int(fs.max()) >= m:

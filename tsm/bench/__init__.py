@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m tsm.bench.speed` times timestep experts against plain LoRA, PEFT and the base model."""
