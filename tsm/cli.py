@@ -4,6 +4,7 @@
     tsm sample runs/sd15_foster --prompt "a photo of a dog" --seeds 0 1 2 --steps 25
     tsm export runs/sd15_foster --scale 0 --index 3 --out expert.safetensors     (or --all --out DIR)
     tsm info runs/sd15_foster/unet.safetensors
+    tsm bench digits [--full]                         (or: tsm bench speed)
 
 Bad input (a config typo, a missing folder, a corrupt or mismatched checkpoint) ends with one line on
 stderr and exit status 2, never a traceback.
@@ -82,6 +83,17 @@ def _info(args: argparse.Namespace) -> None:
         print(io.describe(f))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    if args.name == "digits":
+        from tsm.bench.digits import main as digits
+
+        digits(args.rest)
+    else:
+        from tsm.bench.speed import main as speed
+
+        speed(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsm", description="Timestep LoRA experts for diffusers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="export every expert into the folder --out")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("bench", help="built-in benchmarks: digits (quality, on real data) or speed")
+    p.add_argument("name", choices=["digits", "speed"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help lists them)")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("info", help="what a checkpoint holds")
     p.add_argument("path", help="a .safetensors file or a folder of them")

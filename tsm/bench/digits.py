@@ -1,0 +1,636 @@
+"""`tsm bench digits`: the paper's comparisons on real data (scikit-learn's 8x8 digits) on a CPU.
+
+Tasks (TSM Tables 4, 6, 7, 9 in miniature):
+    domain    domain adaptation as attribute binding (like T2I-CompBench): the base model only knows
+              "digit 3" in random colours; the target prompts "red 3 on blue" must be followed. Trained on
+              240 (digit, fg, bg) combos, scored on 60 held-out combos never seen together.
+    post      post-pretraining: continue training on the source data ("digit 3", random colours).
+
+Rows: base; plain LoRA r=4 and r=32 (= 8 experts x r=4 in trainable parameters); LoRA r=4 for n x steps
+(= TSM n=8's compute); TSM 1-stage n=2, 4, 8; TSM 2-stage core 8 + context 1; in ``--full`` also core 8 +
+context (1, 2, 4), symmetric, router z-only and t-only. Budgets follow the paper's n x step bookkeeping:
+every expert gets ``steps`` steps at batch ``batch`` (fostering all experts of a run together with a
+stratified batch: each expert's B samples drawn inside its interval), so a TSM n=8 run costs 8x a LoRA run;
+the table states each row's budget in samples seen and its trainable parameters.
+
+Metrics (from the PNGs written, read back): FID in the feature space of a small CNN trained on the real
+training split (lower is better), digit accuracy by that CNN, and colour accuracy by exact colour
+measurement (higher is better). Mean and std over seeds (quick mode: 1 seed, and it says so).
+
+The run resumes: finished rows are kept in results.json and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tsm.errors import TsmError
+
+TASKS = ("domain", "post")
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class Budget:
+    steps: int = 150  # optimizer steps per expert (paper's bookkeeping)
+    batch: int = 32  # samples per expert per step
+    lr: float = 1e-3  # AdamW, experts and routers
+    assemble_steps: int = 150  # router steps of the 2-stage rows, at batch `batch`
+    eval_per_prompt: int = 8  # seeds per evaluation prompt (60 held-out prompts: 480 images)
+    sample_steps: int = 25  # DDIM steps
+    guidance: float = 3.0  # classifier-free guidance
+
+
+@dataclass
+class Row:
+    """One method of one task at one seed."""
+
+    task: str
+    name: str  # shown in the table
+    method: str  # base | lora | foster | assemble
+    scales: tuple = (1,)
+    rank: int = 4
+    step_factor: int = 1  # lora for n x steps
+    router: str = "asymmetric"
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.name}/seed{self.seed}"
+
+
+def rows_for(task: str, full: bool, seed: int) -> list[Row]:
+    r = [
+        Row(task, "base", "base"),
+        Row(task, "LoRA r=4", "lora", rank=4),
+        Row(task, "LoRA r=32", "lora", rank=32),
+        Row(task, "LoRA r=4, 8x steps", "lora", rank=4, step_factor=8),
+        Row(task, "TSM 1-stage n=2", "foster", scales=(2,)),
+        Row(task, "TSM 1-stage n=4", "foster", scales=(4,)),
+        Row(task, "TSM 1-stage n=8", "foster", scales=(8,)),
+        Row(task, "TSM 2-stage 8+1", "assemble", scales=(8, 1)),
+    ]
+    if full:
+        r += [
+            Row(task, "TSM 2-stage 8+(1,2,4)", "assemble", scales=(8, 4, 2, 1)),
+            Row(task, "TSM 2-stage 8+1 symmetric", "assemble", scales=(8, 1), router="symmetric"),
+            Row(task, "TSM 2-stage 8+1 router z-only", "assemble", scales=(8, 1), router="z_only"),
+            Row(task, "TSM 2-stage 8+1 router t-only", "assemble", scales=(8, 1), router="t_only"),
+        ]
+    return [replace(x, seed=seed) for x in r]
+
+
+def row_units(row: Row, budget: Budget) -> int:
+    """Samples the row trains on (the compute budget, as in the paper's n x step bookkeeping)."""
+    if row.method == "base":
+        return 0
+    experts = sum(s for s in row.scales)  # uniform scales: n experts each
+    units = budget.steps * budget.batch * (experts if row.method != "lora" else row.step_factor)
+    if row.method == "assemble":
+        units += budget.assemble_steps * budget.batch
+    return units
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def train_batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    from tsm.bench.digits_data import load_digit_split, make_source_batch, make_target_batch, target_combos
+
+    images, labels = load_digit_split("train")
+    if task == "domain":
+        return make_target_batch(images, labels, target_combos("train"), n, g)
+    return make_source_batch(images, labels, n, g)
+
+
+def eval_set(task: str, per_prompt: int) -> tuple[list[str], list[int], torch.Tensor, list[tuple]]:
+    """(prompts, seeds, real reference images, (digit, fg, bg) per prompt) — fixed, from the held-out split."""
+    from tsm.bench.digits_data import (
+        COLORS,
+        PALETTE_RGB,
+        colorize,
+        load_digit_split,
+        random_color_pairs,
+        source_prompt,
+        target_combos,
+        target_prompt,
+    )
+
+    images, labels = load_digit_split("test")
+    g = torch.Generator().manual_seed(1234)
+    if task == "domain":
+        combos = [c for c in target_combos("test") for _ in range(per_prompt)]
+    else:
+        fg, bg = random_color_pairs(10 * per_prompt * 6, g)
+        combos = [
+            (d, COLORS[int(f)], COLORS[int(b)])
+            for d, f, b in zip(list(range(10)) * per_prompt * 6, fg, bg, strict=True)
+        ]
+    by_digit = {d: np.flatnonzero(labels == d) for d in range(10)}
+    picks = [int(by_digit[d][torch.randint(len(by_digit[d]), (1,), generator=g)]) for d, _, _ in combos]
+    fg_rgb = PALETTE_RGB[[COLORS.index(f) for _, f, _ in combos]]
+    bg_rgb = PALETTE_RGB[[COLORS.index(b) for _, _, b in combos]]
+    reference = colorize(torch.as_tensor(images[picks]), fg_rgb, bg_rgb)
+    prompts = [target_prompt(*c) if task == "domain" else source_prompt(c[0]) for c in combos]
+    seeds = list(range(len(prompts)))
+    return prompts, seeds, reference, combos
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training one row
+# ---------------------------------------------------------------------------------------------------------
+def _spec(row: Row, targets: list[str], router: str | None = None) -> Any:
+    from tsm import ExpertSpec
+
+    return ExpertSpec(
+        scales=row.scales, rank=row.rank, alpha=row.rank, targets=targets, router=router or row.router
+    )
+
+
+def _loop(
+    c: Any, row: Row, budget: Budget, steps: int, stratified: bool, g: torch.Generator, report: Any
+) -> None:
+    """AdamW on the adapters of the denoiser and text encoder. Stratified: every expert gets `batch` samples."""
+    import tsm
+    from tsm.intervals import sample_timesteps
+
+    unet, te = c.denoiser, c.text_encoders["text_encoder"]
+    params = tsm.adapter_params(unet) + tsm.adapter_params(te)
+    opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
+    spec = tsm.get_routing(unet).spec
+    for m in (unet, te):
+        m.train()
+    for _ in range(steps):
+        if stratified:  # (scale, interval) blocks of `batch` samples, t inside the interval
+            t, scales = [], []
+            for s, scale in enumerate(spec.scales):
+                for i in range(spec.experts_per_scale[s]):
+                    t.append(sample_timesteps(i, scale, budget.batch, generator=g))
+                    scales.append(torch.full((budget.batch,), s))
+            t, scales = torch.cat(t), torch.cat(scales)
+        else:
+            t = torch.randint(0, 1000, (budget.batch,), generator=g)
+            scales = torch.zeros(budget.batch, dtype=torch.long)
+        pixels, prompts = train_batch(row.task, len(t), g)
+        noise = torch.randn(pixels.shape, generator=g)
+        for m in (unet, te):
+            tsm.get_routing(m).foster_scales = scales
+        tsm.set_timesteps(te, t)
+        emb = te(torch_tokenize(prompts))[0]
+        pred = unet(c.objective.noisy(pixels, noise, t), t, encoder_hidden_states=emb).sample
+        per_sample = c.objective.loss(pred, pixels, noise, t)
+        loss = (
+            (per_sample * (1.0 / budget.batch)).sum() if stratified else per_sample.mean()
+        )  # each expert's mean
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for m in (unet, te):
+            tsm.clip_grad_norm_per_expert(m, 1.0)
+        opt.step()
+        report(len(t))
+
+
+def torch_tokenize(prompts: list[str]) -> torch.Tensor:
+    from tsm.bench.digits_data import tokenize
+
+    return tokenize(list(prompts))
+
+
+def train_row(row: Row, budget: Budget, base: Path, work: Path, report: Any = lambda n: None) -> Any:
+    """The row's model (Components), trained. Fostered experts of 2-stage rows are cached in ``work``."""
+    import tsm
+    from tsm.bench.digits_model import DigitsFamily
+
+    c = DigitsFamily().load(str(base))
+    if row.method == "base":
+        return c
+    unet, te = c.denoiser, c.text_encoders["text_encoder"]
+    torch.manual_seed(row.seed)
+    tsm.add_experts(unet, _spec(row, ATTN))
+    tsm.add_experts(te, _spec(row, TEXT_TARGETS))
+    g = torch.Generator().manual_seed(10_000 + row.seed)
+    if row.method == "lora":
+        _loop(c, row, budget, budget.steps * row.step_factor, stratified=False, g=g, report=report)
+        return c
+    cached = work / f"fostered_{row.task}_{'-'.join(map(str, row.scales))}_seed{row.seed}"
+    if row.method == "assemble" and (cached / "unet.safetensors").is_file():
+        tsm.load(unet, cached / "unet.safetensors", experts_only=True)
+        tsm.load(te, cached / "text_encoder.safetensors", experts_only=True)
+        report(budget.steps * budget.batch * sum(row.scales))
+    else:
+        _loop(c, row, budget, budget.steps, stratified=True, g=g, report=report)
+        if row.method == "assemble":
+            tsm.save(unet, cached / "unet.safetensors")
+            tsm.save(te, cached / "text_encoder.safetensors")
+    if row.method == "assemble":
+        for m in (unet, te):
+            tsm.set_stage(m, "assemble")
+        _loop(c, row, budget, budget.assemble_steps, stratified=False, g=g, report=report)
+    return c
+
+
+def trainable_params(row: Row, c: Any) -> tuple[int, int]:
+    """(parameters trained in the last stage, expert parameters held) of a row's model."""
+    import tsm
+
+    if row.method == "base":
+        return 0, 0
+    mods = [c.denoiser, c.text_encoders["text_encoder"]]
+    trained = sum(p.numel() for m in mods for p in tsm.adapter_params(m))
+    held = sum(
+        p.numel()
+        for m in mods
+        for _, layer in tsm.expert_layers(m)
+        for p in (*layer.lora_A.values(), *layer.lora_B.values())
+    )
+    return trained, held
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+def evaluate(c: Any, row: Row, budget: Budget, out: Path, net: Any) -> dict[str, float]:
+    """Sample the held-out prompts, write them as one PNG, read it back and score it."""
+    from tsm.bench.metrics import color_accuracy, digit_accuracy, fid
+    from tsm.images import make_grid, to_pil
+    from tsm.sampling import sample
+
+    prompts, seeds, reference, combos = eval_set(row.task, budget.eval_per_prompt)
+    images = sample(
+        c, prompts, seeds, steps=budget.sample_steps, guidance_scale=budget.guidance, progress=False
+    )
+    path = eval_png(out, row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid([to_pil(x) for x in images], columns=32, pad=0).save(path)
+    images = read_eval_png(path, len(prompts))  # metrics from the file, as a reader would compute them
+    metrics = {
+        "fid": fid(net, images, reference),
+        "digit_acc": digit_accuracy(net, images, [d for d, _, _ in combos]),
+    }
+    if row.task == "domain":
+        acc = color_accuracy(images, [f for _, f, _ in combos], [b for _, _, b in combos])
+        metrics.update(fg_acc=acc["fg"], bg_acc=acc["bg"], color_acc=acc["both"])
+    return metrics
+
+
+def eval_png(out: Path, row: Row) -> Path:
+    slug = (
+        row.name.lower()
+        .replace(" ", "_")
+        .replace("=", "")
+        .replace(",", "")
+        .replace("+", "p")
+        .replace("(", "")
+        .replace(")", "")
+    )
+    return out / "eval_images" / f"{row.task}__{slug}__seed{row.seed}.png"
+
+
+def read_eval_png(path: Path, n: int, columns: int = 32) -> torch.Tensor:
+    """The n 8x8 tiles of an evaluation PNG, as (n, 3, 8, 8) in [-1, 1]."""
+    from PIL import Image
+
+    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float() / 127.5 - 1  # (H, W, 3)
+    rows = math.ceil(n / columns)
+    tiles = grid.reshape(rows, 8, columns, 8, 3).permute(0, 2, 4, 1, 3).reshape(rows * columns, 3, 8, 8)
+    return tiles[:n]
+
+
+def load_net(net_path: Path, net_steps: int | None) -> Any:
+    from tsm.bench.metrics import load_or_train_digit_net
+
+    return load_or_train_digit_net(net_path, **({"steps": net_steps} if net_steps else {}))
+
+
+def run_row(
+    row: Row,
+    budget: Budget,
+    base: Path,
+    out: Path,
+    net_path: Path,
+    net_steps: int | None = None,
+    report: Any = None,
+) -> dict:
+    report = report or (lambda n: None)
+    t0 = time.perf_counter()
+    c = train_row(row, budget, base, out / "work", report)
+    seconds_train = time.perf_counter() - t0
+    trained, held = trainable_params(row, c)
+    metrics = evaluate(c, row, budget, out, load_net(net_path, net_steps))
+    return {
+        **asdict(row),
+        "scales": list(row.scales),
+        "samples_trained": row_units(row, budget),
+        "trained_params": trained,
+        "expert_params": held,
+        "train_seconds": round(seconds_train, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        **metrics,
+    }
+
+
+def _worker(args: tuple) -> dict:
+    row, budget, base, out, net_path, queue = args
+    torch.set_num_threads(1)
+    return run_row(
+        row, budget, base, out, net_path, report=lambda n: queue.put(n) if queue is not None else None
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole run
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    out: str = "results/digits"
+    full: bool = False
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    budget: Budget = field(default_factory=Budget)
+    workers: int = 2  # rows trained in parallel processes (one thread each); 0: in this process
+    base: str | None = None  # base model folder (default: the shipped one; retrained if missing)
+    only: list[str] | None = None  # run only the rows with these names
+    net_steps: int | None = None  # training steps of the metric CNN (None: its default)
+
+
+def run(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Run (or resume) the benchmark; write results.json, results.md, grids and the bar plot."""
+    from tqdm.auto import tqdm
+
+    from tsm.bench.digits_model import BASE_DIR, base_available, pretrain_base
+
+    _quiet()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(cfg.base) if cfg.base else BASE_DIR
+    if not base_available(base):
+        print(f"no base model in {base}: pretraining it (python -m tsm.bench.digits_model --out {base})")
+        pretrain_base(base, progress=progress)
+    net_path = out / "digit_net.safetensors"
+    load_net(net_path, cfg.net_steps)  # trained once, before the workers
+    results_path = out / "results.json"
+    done: dict[str, dict] = json.loads(results_path.read_text())["rows"] if results_path.is_file() else {}
+    rows = [r for task in cfg.tasks for seed in cfg.seeds for r in rows_for(task, cfg.full, seed)]
+    if cfg.only:
+        rows = [r for r in rows if r.name in cfg.only]
+    todo = [r for r in rows if r.key not in done]
+    if done:
+        print(f"resuming: {len(rows) - len(todo)} of {len(rows)} rows already in {results_path}")
+    todo.sort(key=lambda r: -row_units(r, cfg.budget))  # longest first: better packing over the workers
+    total = sum(row_units(r, cfg.budget) for r in todo) + len(todo)  # +1 per row for its evaluation
+    bar = tqdm(
+        total=total,
+        desc="digits benchmark (samples trained)",
+        disable=not progress,
+        unit="sample",
+        unit_scale=True,
+    )
+    t0 = time.perf_counter()
+
+    def finish(result: dict) -> None:
+        done[f"{result['task']}/{result['name']}/seed{result['seed']}"] = result
+        results_path.write_text(json.dumps({"config": _config_dict(cfg), "rows": done}, indent=2))
+        bar.update(1)
+
+    if cfg.workers <= 0:
+        for r in todo:
+            finish(run_row(r, cfg.budget, base, out, net_path, cfg.net_steps, report=bar.update))
+    else:
+        _parallel(cfg, todo, base, out, net_path, bar, finish)
+    bar.close()
+    wall = time.perf_counter() - t0
+    summary = write_reports(out, cfg, done, rows, wall)
+    return summary
+
+
+def _quiet() -> None:
+    """No per-file loading bars from diffusers/transformers under the benchmark's own progress bar."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _parallel(
+    cfg: BenchConfig, todo: list[Row], base: Path, out: Path, net_path: Path, bar: Any, finish: Any
+) -> None:
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+            pending = {
+                pool.submit(_worker, (r, cfg.budget, base, out, net_path, cfg.net_steps, q)) for r in todo
+            }
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                while True:
+                    try:
+                        bar.update(q.get_nowait())
+                    except queue_mod.Empty:
+                        break
+                for f in finished:
+                    finish(f.result())
+
+
+def _config_dict(cfg: BenchConfig) -> dict:
+    return asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reports
+# ---------------------------------------------------------------------------------------------------------
+METRICS = [
+    ("fid", "FID ↓"),
+    ("digit_acc", "digit acc ↑"),
+    ("fg_acc", "fg acc ↑"),
+    ("bg_acc", "bg acc ↑"),
+    ("color_acc", "fg+bg acc ↑"),
+]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def aggregate(done: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, dict]]:
+    """task -> row name -> {metric: (mean, std), budget columns, seeds}."""
+    table: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        res = done.get(r.key)
+        if res is None:
+            continue
+        entry = table.setdefault(r.task, {}).setdefault(r.name, {"runs": []})
+        entry["runs"].append(res)
+    for task in table.values():
+        for entry in task.values():
+            runs = entry["runs"]
+            for m, _ in METRICS:
+                if m in runs[0]:
+                    entry[m] = _mean_std([x[m] for x in runs])
+            for k in ("samples_trained", "trained_params", "expert_params", "seconds"):
+                entry[k] = runs[0][k] if k != "seconds" else sum(x[k] for x in runs) / len(runs)
+            entry["seeds"] = len(runs)
+    return table
+
+
+def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -> str:
+    b = cfg.budget
+    seeds = len(cfg.seeds)
+    lines = [
+        "# Digits benchmark",
+        "",
+        f"Mode: {'full' if cfg.full else 'quick'}; {seeds} seed{'s' if seeds > 1 else ''}"
+        + (" (quick mode: one seed, so no error bars)" if seeds == 1 else " (mean ± std)")
+        + f"; {b.steps} steps per expert at batch {b.batch}, lr {b.lr:g}; assembling {b.assemble_steps} router steps;"
+        f" {b.sample_steps} DDIM steps, guidance {b.guidance:g}; wall time {wall / 60:.1f} min for the rows run now.",
+        "",
+        "Budget columns: *samples* = training samples seen (the paper's n x steps bookkeeping: each of n experts"
+        " gets the same steps and batch as one LoRA); *trained* = parameters trained in the last stage;"
+        " *held* = expert parameters in the model (LoRA r=32 holds as many as 8 experts of r=4).",
+    ]
+    for task, entries in table.items():
+        title = {
+            "domain": "Domain adaptation (held-out attribute-binding prompts)",
+            "post": "Post-pretraining (source prompts)",
+        }[task]
+        metrics = [(m, label) for m, label in METRICS if any(m in e for e in entries.values())]
+        lines += ["", f"## {title}", ""]
+        lines.append(
+            "| method | samples | trained | held | "
+            + " | ".join(label for _, label in metrics)
+            + " | s/seed |"
+        )
+        lines.append("|---|---:|---:|---:|" + "---:|" * len(metrics) + "---:|")
+        for name, e in entries.items():
+            cells = []
+            for m, _ in metrics:
+                mean, std = e[m]
+                fmt = "{:.1f}" if m == "fid" else "{:.3f}"
+                cells.append(fmt.format(mean) + (f" ± {fmt.format(std)}" if e["seeds"] > 1 else ""))
+            lines.append(
+                f"| {name} | {e['samples_trained']:,} | {e['trained_params']:,} | {e['expert_params']:,} | "
+                + " | ".join(cells)
+                + f" | {e['seconds']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall: float) -> dict:
+    table = aggregate(done, rows)
+    md = markdown(table, cfg, wall)
+    (out / "results.md").write_text(md)
+    print(md)
+    bar_plot(table, out / "results.png")
+    side_by_side(out, rows, done)
+    return {
+        "table": {
+            t: {n: {k: v for k, v in e.items() if k != "runs"} for n, e in d.items()}
+            for t, d in table.items()
+        },
+        "wall_seconds": wall,
+    }
+
+
+def bar_plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (task, m, label)
+        for task, e in table.items()
+        for m, label in METRICS
+        if any(m in x for x in e.values()) and m in ("fid", "digit_acc", "color_acc")
+    ]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (task, m, label) in zip(axes[0], panels, strict=True):
+        names = list(table[task])
+        means = [table[task][n][m][0] for n in names]
+        stds = [table[task][n][m][1] for n in names]
+        colors = [
+            "0.6" if n == "base" else ("tab:blue" if n.startswith("LoRA") else "tab:orange") for n in names
+        ]
+        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{task}: {label}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def side_by_side(out: Path, rows: list[Row], done: dict, tiles: int = 32) -> None:
+    """Per task and seed: each method's first evaluation images (same prompts, same seeds) as one labelled row."""
+    from PIL import Image, ImageDraw
+
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        if r.key in done and eval_png(out, r).is_file():
+            groups.setdefault((r.task, r.seed), []).append(r)
+    for (task, seed), members in groups.items():
+        scale, label_w = 3, 190
+        canvas = Image.new("RGB", (label_w + tiles * 8 * scale, len(members) * 8 * scale), "white")
+        draw = ImageDraw.Draw(canvas)
+        for k, r in enumerate(members):
+            strip = Image.open(eval_png(out, r)).convert("RGB").crop((0, 0, tiles * 8, 8))
+            canvas.paste(
+                strip.resize((tiles * 8 * scale, 8 * scale), Image.NEAREST), (label_w, k * 8 * scale)
+            )
+            draw.text((4, k * 8 * scale + 6), r.name, fill="black")
+        canvas.save(out / f"grid_{task}_seed{seed}.png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="tsm bench digits", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/digits")
+    p.add_argument("--full", action="store_true", help="all rows and ablations, 3 seeds (hours)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--steps", type=int, default=None, help="steps per expert (default 150; --full 400)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--eval-per-prompt", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--base", default=None, help="base model folder (default: the shipped one)")
+    args = p.parse_args(argv)
+    budget = Budget()
+    if args.full:
+        budget = replace(budget, steps=400, assemble_steps=400)
+    for key, value in (
+        ("steps", args.steps),
+        ("batch", args.batch),
+        ("eval_per_prompt", args.eval_per_prompt),
+    ):
+        if value is not None:
+            budget = replace(budget, **{key: value})
+    if args.steps is not None:
+        budget = replace(budget, assemble_steps=args.steps)
+    seeds = args.seeds or ([0, 1, 2] if args.full else [0])
+    if os.cpu_count() and args.workers > os.cpu_count():
+        raise TsmError(f"--workers {args.workers} is more than the {os.cpu_count()} CPU cores")
+    cfg = BenchConfig(args.out, args.full, seeds, args.tasks, budget, args.workers, args.base)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

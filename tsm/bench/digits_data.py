@@ -1,0 +1,181 @@
+"""Data of the digits benchmark: scikit-learn's 1,797 real 8x8 handwritten digits, coloured, with prompts.
+
+Source domain: a digit drawn in a random foreground colour on a random background colour; its prompt
+names only the digit ("digit 3"). Target domain (attribute binding, as in T2I-CompBench): the prompt
+names both colours ("red 3 on blue") and the image must follow it. Everything here is fixed and
+deterministic: the train/test split of the images, the train/test split of the (digit, fg, bg) combos,
+and the word-level vocabulary of the benchmark's tiny text encoder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tsm.errors import TsmError
+
+# Six colours whose RGB differ by at least 1 (one full channel), so a colour is read off an image exactly.
+PALETTE: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+}
+COLORS = tuple(PALETTE)  # colour index -> name
+PALETTE_RGB = torch.tensor(list(PALETTE.values()))  # (6, 3) in [0, 1], rows in COLORS order
+TEST_PER_CLASS = 40  # held-out images per digit: 400 test, 1,397 train
+SPLIT_SEED = 0
+SPLITS = ("train", "test")
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+DIGIT_WORDS = tuple(str(d) for d in range(10))
+VOCAB = [PAD, BOS, EOS, "digit", "on", *DIGIT_WORDS, *COLORS]
+TOKEN_ID = {word: i for i, word in enumerate(VOCAB)}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise TsmError(f"unknown split {split!r}; use 'train' or 'test'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------------
+def load_digit_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 8, 8) float32 in [0, 1], labels (N,) int64) of one fixed split of the 1,797 digits.
+
+    Stratified: a permutation seeded with 0 puts the first 40 digits of each class in "test" (400 in
+    all, never used for tuning) and the rest in "train" (1,397).
+    """
+    _check_split(split)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16).astype(np.float32)  # pixel values 0..16
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
+    is_test = np.zeros(len(labels), dtype=bool)
+    for d in range(10):
+        is_test[order[labels[order] == d][:TEST_PER_CLASS]] = True
+    keep = is_test if split == "test" else ~is_test
+    return images[keep], labels[keep]
+
+
+def colorize(gray: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """RGB images in [-1, 1] (N, 3, 8, 8): each pixel is bg + (fg - bg) * gray, fg/bg (N, 3) in [0, 1]."""
+    gray = torch.as_tensor(gray, dtype=torch.float32)[:, None]  # (N, 1, H, W)
+    pixels = bg[:, :, None, None] + (fg - bg)[:, :, None, None] * gray  # (N, 3, H, W) in [0, 1]
+    return pixels * 2 - 1
+
+
+def random_color_pairs(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fg, bg) colour indices (n,) into COLORS, uniform over the 30 ordered pairs with fg != bg."""
+    fg = torch.randint(len(COLORS), (n,), generator=generator)
+    bg = (fg + torch.randint(1, len(COLORS), (n,), generator=generator)) % len(COLORS)
+    return fg, bg
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts and combos
+# ----------------------------------------------------------------------------------------------------
+def source_prompt(digit: int) -> str:
+    """The source-domain prompt: the digit only ("digit 3")."""
+    return f"digit {int(digit)}"
+
+
+def target_prompt(digit: int, fg: str, bg: str) -> str:
+    """The target-domain prompt: "red 3 on blue" (foreground colour, digit, "on", background colour)."""
+    return f"{fg} {int(digit)} on {bg}"
+
+
+def parse_target_prompt(text: str) -> tuple[int, str, str]:
+    """(digit, fg, bg) of a target prompt written by `target_prompt`."""
+    words = text.split()
+    if (
+        len(words) != 4
+        or words[2] != "on"
+        or words[1] not in DIGIT_WORDS
+        or not {words[0], words[3]} <= set(COLORS)
+    ):
+        raise TsmError(f"{text!r} is not a target prompt; expected '<colour> <digit> on <colour>'")
+    return int(words[1]), words[0], words[3]
+
+
+def target_combos(split: str) -> list[tuple[int, str, str]]:
+    """The (digit, fg, bg) combos of a split: 300 in all (fg != bg), 240 "train" and 60 held-out "test".
+
+    A combo is held out when (digit + fg index + bg index) % 5 == 0: 2 of the 10 digits for every colour
+    pair, and at most 2 of the 5 other colours for every (digit, colour), so every pair inside a test
+    combo (digit-fg, digit-bg, fg-bg) is seen in training but the triple never is.
+    """
+    _check_split(split)
+    combos = []
+    for d in range(10):
+        for i, fg in enumerate(COLORS):
+            for j, bg in enumerate(COLORS):
+                if i != j and ((d + i + j) % 5 == 0) == (split == "test"):
+                    combos.append((d, fg, bg))
+    return combos
+
+
+# ----------------------------------------------------------------------------------------------------
+# batches
+# ----------------------------------------------------------------------------------------------------
+def make_source_batch(
+    images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, list[str]]:
+    """n random digits (with replacement) in random colours (fg != bg), and prompts naming only the digit."""
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    index = torch.randint(len(labels), (n,), generator=generator)
+    fg, bg = random_color_pairs(n, generator)
+    pixels = colorize(images[index], PALETTE_RGB[fg], PALETTE_RGB[bg])  # (n, 3, 8, 8)
+    return pixels, [source_prompt(d) for d in labels[index].tolist()]
+
+
+def make_target_batch(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    combos: list[tuple[int, str, str]],
+    n: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[str]]:
+    """n random combos (with replacement), each drawn as a random real image of its digit in its colours."""
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    by_digit = torch.argsort(labels, stable=True)  # image indices grouped by digit
+    counts = torch.bincount(labels, minlength=10)  # (10,)
+    starts = torch.cumsum(counts, 0) - counts
+    picked = [combos[i] for i in torch.randint(len(combos), (n,), generator=generator).tolist()]
+    digits = torch.tensor([d for d, _, _ in picked])
+    if (counts[digits] == 0).any():
+        raise TsmError("a combo names a digit that has no image; pass images of every digit in the combos")
+    offset = (torch.rand(n, generator=generator) * counts[digits]).long()
+    index = by_digit[starts[digits] + offset]
+    fg = PALETTE_RGB[[COLORS.index(c) for _, c, _ in picked]]  # (n, 3)
+    bg = PALETTE_RGB[[COLORS.index(c) for _, _, c in picked]]
+    return colorize(images[index], fg, bg), [target_prompt(*combo) for combo in picked]
+
+
+# ----------------------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------------------
+def tokenize(prompts: list[str], max_length: int = 6) -> torch.Tensor:
+    """Token ids (N, max_length): <bos> words <eos>, padded with <pad>. Words must be in VOCAB."""
+    ids = torch.full((len(prompts), max_length), TOKEN_ID[PAD], dtype=torch.long)
+    for row, text in enumerate(prompts):
+        words = text.split()
+        unknown = [w for w in words if w not in TOKEN_ID]
+        if unknown:
+            raise TsmError(f"unknown word {unknown[0]!r} in prompt {text!r}; the vocabulary is {VOCAB[3:]}")
+        if len(words) + 2 > max_length:
+            raise TsmError(f"prompt {text!r} has {len(words)} words; at most {max_length - 2} fit max_length")
+        tokens = [TOKEN_ID[BOS], *(TOKEN_ID[w] for w in words), TOKEN_ID[EOS]]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+def detokenize(ids: torch.Tensor) -> list[str]:
+    """The prompts of token ids from `tokenize` (special tokens dropped)."""
+    special = {TOKEN_ID[PAD], TOKEN_ID[BOS], TOKEN_ID[EOS]}
+    return [" ".join(VOCAB[i] for i in row if i not in special) for row in ids.tolist()]

@@ -1,0 +1,171 @@
+"""The digits benchmark's base model: a tiny text-conditioned diffusers UNet in pixel space (3 x 8 x 8).
+
+A `UNet2DConditionModel` plus a tiny `CLIPTextModel` over the benchmark's own word-level vocabulary,
+pretrained on the *source* domain (real 8x8 digits in random colours, prompts naming only the digit).
+The shipped weights (``assets/digits_base/``, diffusers layout) are reproduced by
+
+    python -m tsm.bench.digits_model --out tsm/bench/assets/digits_base --steps 1500 --seed 0
+
+`DigitsFamily` plugs the model into `tsm.sampling.sample` (identity "VAE": it is pixel space).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tsm.bench.digits_data import VOCAB, load_digit_split, make_source_batch, tokenize
+from tsm.families import ATTN, Components, Family
+from tsm.objectives import DDPMObjective
+
+BASE_DIR = Path(__file__).parent / "assets" / "digits_base"
+UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=len(VOCAB),
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=8,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CAPTION_DROPOUT = 0.1  # pretraining drops the prompt this often, for classifier-free guidance
+
+
+class DigitsFamily(Family):
+    """Pixel-space digits model: same calling convention as SD1.5, no VAE, the benchmark's tokenizer."""
+
+    name = "digits"
+    default_targets = ATTN
+    default_text_targets = ["q_proj", "v_proj"]
+
+    def load(self, path: str, revision: str | None = None, prediction_type: str | None = None) -> Components:
+        from diffusers import DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        for m in (unet, text):
+            m.requires_grad_(False)
+            m.eval()
+        objective = DDPMObjective(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+        return Components(self, unet, {"text_encoder": text}, {}, nn.Identity(), scheduler, objective, str(path))
+
+    def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoder = c.text_encoders["text_encoder"]
+        return {"encoder_hidden_states": encoder(tokenize(list(captions)).to(encoder.device))[0]}
+
+    def latent_dist(self, c: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pixels, torch.zeros_like(pixels)
+
+    def scale_latents(self, c: Components, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def decode(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+    def latent_shape(self, c: Components, resolution: int, num_frames: int) -> tuple[int, ...]:
+        return (3, 8, 8)
+
+
+def build_base(seed: int = 0) -> tuple[nn.Module, nn.Module, Any]:
+    """A randomly initialised (UNet, text encoder, DDPM scheduler)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    return unet, text, scheduler
+
+
+def pretrain_base(
+    out: str | Path, steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, progress: bool = True
+) -> Path:
+    """Pretrain the base model on the source domain and save it in diffusers layout to ``out``."""
+    out = Path(out)
+    unet, text, scheduler = build_base(seed)
+    objective = DDPMObjective(scheduler.alphas_cumprod, "epsilon")
+    images, labels = load_digit_split("train")
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    unet.train()
+    text.train()
+    t0, losses = time.perf_counter(), []
+    bar = tqdm(range(steps), desc="pretraining the digits base", disable=not progress)
+    for _ in bar:
+        pixels, prompts = make_source_batch(images, labels, batch, g)
+        drop = torch.rand(batch, generator=g) < CAPTION_DROPOUT
+        prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts, strict=True)]
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(pixels.shape, generator=g)
+        pred = unet(objective.noisy(pixels, noise, t), t, encoder_hidden_states=text(tokenize(prompts))[0]).sample
+        loss = objective.loss(pred, pixels, noise, t).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    unet.save_pretrained(out / "unet")
+    text.save_pretrained(out / "text_encoder")
+    scheduler.save_pretrained(out / "scheduler")
+    info = {
+        "command": f"python -m tsm.bench.digits_model --out {out} --steps {steps} --batch {batch} --lr {lr} --seed {seed}",
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "pretrain.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def base_available(path: str | Path = BASE_DIR) -> bool:
+    path = Path(path)
+    return all((path / sub).is_dir() for sub in ("unet", "text_encoder", "scheduler"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Pretrain the digits benchmark's base model on the source domain.")
+    p.add_argument("--out", default=str(BASE_DIR))
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(pretrain_base(args.out, args.steps, args.batch, args.lr, args.seed))
+
+
+if __name__ == "__main__":
+    main()
