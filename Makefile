@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m tsm.demo
+	$(VENV)/bin/tsm bench digits
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check tsm tests

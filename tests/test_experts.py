@@ -359,3 +359,21 @@ def test_timestep_scale_for_unit_interval_models():
     assert tsm.get_routing(model).state.main.ids.tolist() == [0, 3]
     with pytest.raises(tsm.TsmError, match="out of range"):
         model(x, torch.tensor([2.0, 0.5]))
+
+
+def test_experts_off_is_the_base_model_with_no_copy():
+    base, model = injected("conv2d", scales=(4, 1))
+    randomize(model)
+    x = make_input("conv2d", 3, torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500, 900])
+    model.eval()
+    with torch.no_grad():
+        with_experts = model(x, t[:1].expand(3))  # merges the core expert into the base weight
+        assert model.a.merged is not None
+        with tsm.experts_off(model):
+            assert torch.equal(model(x, t), base(x, t))  # unmerged on the way in: exactly the base
+        assert torch.equal(model(x, t[:1].expand(3)), with_experts)
+    model.train()
+    with tsm.experts_off(model):
+        assert not model(x, t).requires_grad  # no expert in the graph: the teacher costs no adapter gradient
+    assert model(x, t).requires_grad

@@ -154,6 +154,10 @@ class ExpertLayer(nn.Module):
     # forward
     # ------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if not self.routing.active:  # the base model, e.g. the frozen teacher of distillation
+            if self.merged is not None:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
         state = self.routing.state
         if state is None:
             raise TsmError(

@@ -8,6 +8,7 @@ themselves. Models without a timestep (text encoders) are routed with `set_times
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import re
@@ -163,6 +164,21 @@ def remove_experts(model: nn.Module) -> nn.Module:
         routing.hook_handle.remove()
     delattr(model, ATTR)
     return model
+
+
+@contextlib.contextmanager
+def experts_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside the block every expert layer computes its base layer only.
+
+    The same weights serve as the frozen teacher (distillation's real score) with no second copy. Keep the
+    backward of a checkpointed forward inside the block that ran it.
+    """
+    routing = get_routing(model)
+    before, routing.active = routing.active, False
+    try:
+        yield model
+    finally:
+        routing.active = before
 
 
 def unmerge_all(model: nn.Module) -> None:

@@ -80,6 +80,16 @@ class DDPMObjective:
         a, b = self._ab(t, x0)
         return a * noise - b * x0
 
+    def split(
+        self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) implied by the model's prediction at x_t: what the explicit-timestep samplers step with."""
+        a, b = self._ab(t, x)
+        pred = pred.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return (x - b * pred) / a, pred
+        return a * x - b * pred, b * x + a * pred  # from v = a eps - b x0
+
     def loss(
         self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
@@ -162,6 +172,14 @@ class FlowMatchingObjective:
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - x0
+
+    def split(
+        self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from the velocity v = eps - x0 at x_t = (1 - s) x0 + s eps."""
+        s = _bcast(t / self.num_timesteps, x)
+        v = pred.to(x.dtype)
+        return x - s * v, x + (1 - s) * v
 
     def loss(
         self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor

@@ -79,6 +79,7 @@ class Routing:
         self.spec = spec
         self.stage = "foster"
         self.foster_scales: torch.Tensor | int | None = None  # per-sample scale to train while fostering
+        self.active = True  # False: every expert layer computes its base layer alone (see tsm.experts_off)
         self.state: RoutingState | None = None
         counts = spec.experts_per_scale
         self.offsets = [sum(counts[:s]) for s in range(len(counts))]  # global id of expert 0 of each scale

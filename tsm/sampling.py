@@ -66,7 +66,7 @@ def sample(
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; pass one seed per prompt")
-    family, device = c.family, c.denoiser.device
+    family, device = c.family, next(c.denoiser.parameters()).device
     for m in (c.denoiser, *c.text_encoders.values(), c.vae):
         m.eval()
     shape = family.latent_shape(c, resolution, num_frames)
@@ -89,3 +89,105 @@ def sample(
             pred = family.denoise(c, x, tt, cond(t))
         latents = scheduler.step(pred, t, latents).prev_sample
     return family.decode(c, latents).float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# explicit timestep lists
+# ---------------------------------------------------------------------------------------------------------
+def step_to(
+    objective: object,
+    pred: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    t_next: float | None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Move x_t to the next listed timestep along the model's prediction.
+
+    From the prediction's (x0, eps): x_next = noisy(x0, eps, t_next) -- DDIM (eta = 0) for DDPM models, an
+    exact Euler step in sigma for flow matching -- or, with ``noise``, re-noised with fresh noise as the
+    DMD2 few-step generator does. ``t_next=None`` ends the path and returns x0.
+    """
+    x0, eps = objective.split(pred, x, t)
+    if t_next is None:
+        return x0
+    tn = (
+        torch.full_like(t, float(t_next), dtype=torch.float64)
+        if objective.continuous
+        else torch.full_like(t, int(t_next))
+    )
+    return objective.noisy(x0, eps if noise is None else noise, tn)
+
+
+@torch.no_grad()
+def sample_timesteps_list(
+    c: Components,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    timesteps: Sequence[float],
+    final: float | None = None,
+    guidance_scale: float = 1.0,
+    renoise: bool = False,
+    resolution: int = 512,
+    num_frames: int = 16,
+    negative_prompt: str = "",
+) -> torch.Tensor:
+    """Sample on an explicit list of timesteps (a 4-step generator's 999/749/499/249, Glance's 10 steps).
+
+    The model is conditioned on ``timesteps[k]`` and the step integrates to ``timesteps[k + 1]``; the last
+    step goes to ``final`` (None: straight to x0). ``renoise=True`` re-noises each x0 with fresh noise
+    (DMD2); otherwise the path is deterministic (DDIM / Euler).
+    """
+    prompts, seeds = list(prompts), list(seeds)
+    family, device, objective = c.family, next(c.denoiser.parameters()).device, c.objective
+    for m in (c.denoiser, *c.text_encoders.values(), c.vae):
+        m.eval()
+    shape = family.latent_shape(c, resolution, num_frames)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    cond = PromptEncoder(c, prompts)
+    uncond = PromptEncoder(c, [negative_prompt] * len(prompts)) if guidance_scale > 1.0 else None
+    points = [*timesteps, final]
+    for t_now, t_next in zip(points[:-1], points[1:], strict=True):
+        dtype = torch.float32 if objective.continuous else torch.long
+        t = torch.full((len(prompts),), t_now, dtype=dtype, device=device)
+        if uncond is not None:
+            kw = {k: torch.cat([uncond(t_now)[k], v]) for k, v in cond(t_now).items()}
+            pred_u, pred_c = family.denoise(c, torch.cat([x, x]), torch.cat([t, t]), kw).chunk(2)
+            pred = pred_u + guidance_scale * (pred_c - pred_u)
+        else:
+            pred = family.denoise(c, x, t, cond(t_now))
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if renoise else None
+        x = step_to(objective, pred, x, t, t_next, noise)
+    return family.decode(c, x).float().cpu()
+
+
+def glance_schedule(
+    sigmas: Sequence[float],
+    slow: Sequence[int] = (1, 3, 5, 7, 9),
+    fast: Sequence[int] = (11, 21, 31, 41, 50),
+    num_timesteps: int = 1000,
+) -> dict[str, list[float] | float]:
+    """Glance's phase-aware schedule (arXiv 2512.02899) on a reference sigma table.
+
+    ``sigmas`` is the reference N-step schedule with its end value (N + 1 numbers, sigma_1 = 1 first, as
+    FlowMatchEulerDiscreteScheduler.sigmas after ``set_timesteps(N)``); ``slow`` and ``fast`` are the
+    1-indexed steps each phase conditions on (50 steps -> 10 calls by default). Returns the timesteps
+    t = sigma * T of each phase, the phase cut (the slow expert owns t >= cut), and the final timestep:
+    ``sample_timesteps_list(c, ..., slow + fast, final)`` then integrates each call to the *next listed*
+    sigma, so the steps add up to the whole path from sigma_1 to the end.
+    """
+    steps = [*slow, *fast]
+    n = len(sigmas) - 1
+    if sorted(set(steps)) != steps or steps[0] < 1 or steps[-1] > n:
+        raise ValueError(f"slow and fast steps must be increasing, distinct and within 1..{n}, got {steps}")
+    t = [float(sigmas[k - 1]) * num_timesteps for k in steps]
+    first_fast = fast[0] if fast else n + 1
+    # the cut sits one reference step before the fast phase's first step: every slow t is above it
+    cut = float(sigmas[first_fast - 2]) * num_timesteps if fast else 0.0
+    return {
+        "slow": t[: len(slow)],
+        "fast": t[len(slow) :],
+        "cut": cut,
+        "final": float(sigmas[-1]) * num_timesteps,
+    }

@@ -121,7 +121,7 @@ def eval_set(task: str, per_prompt: int) -> tuple[list[str], list[int], torch.Te
         PALETTE_RGB,
         colorize,
         load_digit_split,
-        random_color_pairs,
+        source_colors,
         source_prompt,
         target_combos,
         target_prompt,
@@ -132,15 +132,14 @@ def eval_set(task: str, per_prompt: int) -> tuple[list[str], list[int], torch.Te
     if task == "domain":
         combos = [c for c in target_combos("test") for _ in range(per_prompt)]
     else:
-        fg, bg = random_color_pairs(10 * per_prompt * 6, g)
-        combos = [
-            (d, COLORS[int(f)], COLORS[int(b)])
-            for d, f, b in zip(list(range(10)) * per_prompt * 6, fg, bg, strict=True)
-        ]
+        combos = [(d, "", "") for d in list(range(10)) * per_prompt * 6]  # the prompt names the digit only
     by_digit = {d: np.flatnonzero(labels == d) for d in range(10)}
     picks = [int(by_digit[d][torch.randint(len(by_digit[d]), (1,), generator=g)]) for d, _, _ in combos]
-    fg_rgb = PALETTE_RGB[[COLORS.index(f) for _, f, _ in combos]]
-    bg_rgb = PALETTE_RGB[[COLORS.index(b) for _, _, b in combos]]
+    if task == "domain":
+        fg_rgb = PALETTE_RGB[[COLORS.index(f) for _, f, _ in combos]]
+        bg_rgb = PALETTE_RGB[[COLORS.index(b) for _, _, b in combos]]
+    else:
+        fg_rgb, bg_rgb = source_colors(len(combos), g)
     reference = colorize(torch.as_tensor(images[picks]), fg_rgb, bg_rgb)
     prompts = [target_prompt(*c) if task == "domain" else source_prompt(c[0]) for c in combos]
     seeds = list(range(len(prompts)))

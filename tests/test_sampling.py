@@ -1,0 +1,77 @@
+"""Explicit-timestep samplers: the 4-step generator's timesteps and Glance's phase schedule."""
+
+import pytest
+import torch
+from torch import nn
+
+from tsm.families import Components, Family
+from tsm.objectives import DDPMObjective, FlowMatchingObjective
+from tsm.sampling import glance_schedule, sample_timesteps_list
+
+
+class Recorder(Family):
+    """A stand-in model: records the timesteps it is called with and predicts a constant."""
+
+    def __init__(self, value: float) -> None:
+        self.calls, self.value = [], value
+
+    def encode_prompt(self, c, captions):
+        return {}
+
+    def denoise(self, c, x, t, cond):
+        self.calls.append(t.clone())
+        return torch.full_like(x, self.value)
+
+    def decode(self, c, latents):
+        return latents
+
+    def latent_shape(self, c, resolution, num_frames):
+        return (1, 2, 2)
+
+
+def components(family: Recorder, objective) -> Components:
+    return Components(family, nn.Linear(1, 1), {}, {}, nn.Identity(), None, objective, "stand-in")
+
+
+def test_four_step_generator_hits_its_timesteps():
+    from diffusers import DDPMScheduler
+
+    family = Recorder(0.0)
+    c = components(family, DDPMObjective.from_scheduler(DDPMScheduler()))
+    sample_timesteps_list(c, ["a", "b"], [0, 1], [999, 749, 499, 249], renoise=True)
+    assert [t.tolist() for t in family.calls] == [[999, 999], [749, 749], [499, 499], [249, 249]]
+    assert all(t.dtype == torch.long for t in family.calls)
+
+
+def test_ddim_steps_follow_the_prediction_exactly():
+    """With eps predicted as 0 the clean image is x_t / sqrt(a_t): each listed step must land on it exactly."""
+    from diffusers import DDPMScheduler
+
+    objective = DDPMObjective.from_scheduler(DDPMScheduler())
+    c = components(Recorder(0.0), objective)
+    out = sample_timesteps_list(c, ["a"], [3], [999, 500, 100])
+    x = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(out, x / objective.alphas_cumprod[999].sqrt().float(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_glance_ten_steps_cover_the_path_with_no_gap_or_overlap(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+    ref.set_timesteps(50)
+    sched = glance_schedule(ref.sigmas.tolist())
+    listed = [*sched["slow"], *sched["fast"]]
+    assert len(listed) == 10 and listed[0] == pytest.approx(1000.0)
+    assert all(a > sched["cut"] for a in sched["slow"]) and all(b < sched["cut"] for b in sched["fast"])
+    points = [*listed, sched["final"]]
+    assert all(a > b for a, b in zip(points, points[1:], strict=False))  # strictly decreasing: no overlap
+
+    # a constant velocity v moves x by (sigma_end - sigma_start) v only if the steps tile the whole path
+    family = Recorder(0.5)
+    c = components(family, FlowMatchingObjective(1000))
+    out = sample_timesteps_list(c, ["a"], [7], listed, final=sched["final"])
+    x = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(7))
+    travelled = (sched["final"] - 1000.0) / 1000
+    assert torch.allclose(out, x + travelled * 0.5, atol=1e-6)
+    assert [float(t[0]) for t in family.calls] == pytest.approx(listed)
