@@ -9,6 +9,7 @@ themselves. Models without a timestep (text encoders) are routed with `set_times
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import inspect
 import re
@@ -164,6 +165,28 @@ def remove_experts(model: nn.Module) -> nn.Module:
         routing.hook_handle.remove()
     delattr(model, ATTR)
     return model
+
+
+def base_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the base model, without experts or hook (e.g. distillation's fake score); ``model`` is untouched."""
+    routing = get_routing(model)
+    handle, routing.hook_handle = (
+        routing.hook_handle,
+        None,
+    )  # a copied handle would remove the original's hook
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        routing.hook_handle = handle
+    for name, layer in list(expert_layers(twin)):
+        layer.unmerge()
+        _set_submodule(twin, name, layer.base_layer)
+    for key, hook in list(twin._forward_pre_hooks.items()):
+        if isinstance(hook, _Hook):
+            del twin._forward_pre_hooks[key]
+            twin._forward_pre_hooks_with_kwargs.pop(key, None)
+    delattr(twin, ATTR)
+    return twin
 
 
 @contextlib.contextmanager
