@@ -88,6 +88,10 @@ def _bench(args: argparse.Namespace) -> None:
         from tsm.bench.digits import main as digits
 
         digits(args.rest)
+    elif args.name == "digits-fast":
+        from tsm.bench.digits_fast import main as digits_fast
+
+        digits_fast(args.rest)
     else:
         from tsm.bench.speed import main as speed
 
@@ -127,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("bench", help="built-in benchmarks: digits (quality, on real data) or speed")
-    p.add_argument("name", choices=["digits", "speed"])
+    p = sub.add_parser("bench", help="built-in benchmarks: digits (quality), digits-fast (few-step), speed")
+    p.add_argument("name", choices=["digits", "digits-fast", "speed"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help lists them)")
     p.set_defaults(func=_bench)
 

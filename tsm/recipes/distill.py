@@ -140,4 +140,4 @@ class Distiller:
             fake_losses.append(loss.item())
         if report is not None:
             report(n)
-        return {"generator": float(gen_loss), "fake": sum(fake_losses) / len(fake_losses), "step": k}
+        return {"generator": gen_loss.item(), "fake": sum(fake_losses) / len(fake_losses), "step": k}

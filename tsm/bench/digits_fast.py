@@ -1,0 +1,246 @@
+"""`tsm bench digits-fast`: few-step generation rows on the digits model (distillation and Glance).
+
+    python -m tsm.bench.digits_fast [--out results/digits_fast] [--updates 200]
+
+Distillation (TSM section 4.3, DMD2-style): the 50-step teacher against 4-step students at timesteps
+999/749/499/249 -- plain LoRA (one expert for every step), TSM 1-stage (one expert per step, scales (4,)),
+TSM 2-stage (scales (4, 1): the per-step cores plus a routed full-range context expert) -- all with the
+same number of generator updates.
+
+Glance (arXiv 2512.02899): the teacher at 50 steps and at 10 uniform steps against Glance's 10 uneven
+steps with slow/fast phase experts, and Glance + router (a full-range context expert), each trained on 1
+and on 10 image-caption pairs for 60 steps.
+
+All rows are scored like `tsm bench digits` (source prompts, held-out reference digits): FID and digit
+accuracy from the PNGs written, with the sampling time of each row and its ratio to the 50-step teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tsm
+from tsm.bench.digits import ATTN, eval_set, read_eval_png
+from tsm.bench.digits_model import BASE_DIR, DigitsFamily
+
+PAPER_STEPS = (999, 749, 499, 249)
+
+
+def _score(c: Any, sampler: Any, name: str, out: Path, net: Any, per_prompt: int) -> dict:
+    """Sample the held-out source prompts with ``sampler``, write the PNG, score it read back; time it."""
+    from tsm.bench.metrics import digit_accuracy, fid
+    from tsm.images import make_grid, to_pil
+
+    prompts, seeds, reference, combos = eval_set("post", per_prompt)
+    t0 = time.perf_counter()
+    images = sampler(c, prompts, seeds)
+    seconds = time.perf_counter() - t0
+    path = (
+        out / "eval_images" / f"fast__{name.lower().replace(' ', '_').replace(',', '').replace('+', 'p')}.png"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid([to_pil(x) for x in images], columns=32, pad=0).save(path)
+    images = read_eval_png(path, len(prompts))
+    return {
+        "name": name,
+        "fid": fid(net, images, reference),
+        "digit_acc": digit_accuracy(net, images, [d for d, _, _ in combos]),
+        "sample_seconds": seconds,
+    }
+
+
+def _teacher(steps: int, guidance: float) -> Any:
+    from tsm.sampling import sample
+
+    return lambda c, p, s: sample(c, p, s, steps=steps, guidance_scale=guidance, progress=False)
+
+
+def _listed(timesteps: list, final: Any, guidance: float, renoise: bool) -> Any:
+    from tsm.sampling import sample_timesteps_list
+
+    return lambda c, p, s: sample_timesteps_list(
+        c, p, s, timesteps, final, guidance_scale=guidance, renoise=renoise
+    )
+
+
+def distill_rows(
+    base: Path, out: Path, net: Any, updates: int, batch: int, per_prompt: int, guidance: float
+) -> list[dict]:
+    from tsm.bench.digits import train_batch
+    from tsm.recipes.distill import Distiller, distill_spec
+
+    rows = [
+        _score(
+            DigitsFamily().load(str(base)),
+            _teacher(50, guidance),
+            "teacher, 50 DDIM steps",
+            out,
+            net,
+            per_prompt,
+        )
+    ]
+    rows.append(
+        _score(
+            DigitsFamily().load(str(base)),
+            _teacher(4, guidance),
+            "teacher, 4 DDIM steps",
+            out,
+            net,
+            per_prompt,
+        )
+    )
+    for name, scales, assemble in (
+        ("4-step plain LoRA", (1,), False),
+        ("4-step TSM 1-stage", (4,), False),
+        ("4-step TSM 2-stage", (4, 1), True),
+    ):
+        c = DigitsFamily().load(str(base))
+        torch.manual_seed(0)
+        tsm.add_experts(
+            c.denoiser,
+            distill_spec(rank=4, targets=ATTN)
+            if scales == (4,)
+            else tsm.ExpertSpec(scales=scales, rank=4, targets=ATTN),
+        )
+        d = Distiller(c, lr=1e-3, fake_lr=1e-3, guidance=guidance, fake_updates=3)
+        g = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(updates):
+            d.step(train_batch("post", batch, g)[1], g)
+        if assemble:  # freeze the fostered experts; the routers learn with the same objective
+            tsm.set_stage(c.denoiser, "assemble")
+            d.opt = torch.optim.AdamW(tsm.adapter_params(c.denoiser), lr=1e-3, weight_decay=0.0)
+            for _ in range(updates // 2):
+                d.step(train_batch("post", batch, g)[1], g)
+        train_seconds = time.perf_counter() - t0
+        row = _score(c, _listed(list(PAPER_STEPS), None, 1.0, renoise=True), name, out, net, per_prompt)
+        row["train_seconds"] = train_seconds
+        row["generator_updates"] = updates + (updates // 2 if assemble else 0)
+        rows.append(row)
+    return rows
+
+
+def glance_rows(base: Path, out: Path, net: Any, steps: int, per_prompt: int, guidance: float) -> list[dict]:
+    from tsm.bench.digits import train_batch
+    from tsm.recipes.glance import glance_spec, glance_timesteps, train_glance
+
+    rows = [
+        _score(
+            DigitsFamily().load(str(base)),
+            _teacher(50, guidance),
+            "teacher, 50 DDIM steps",
+            out,
+            net,
+            per_prompt,
+        ),
+        _score(
+            DigitsFamily().load(str(base)),
+            _teacher(10, guidance),
+            "teacher, 10 uniform DDIM steps",
+            out,
+            net,
+            per_prompt,
+        ),
+    ]
+    c0 = DigitsFamily().load(str(base))
+    ts = glance_timesteps(c0)
+    listed = ts["slow"] + ts["fast"]
+    rows.append(
+        _score(
+            c0,
+            _listed(listed, ts["final"], guidance, renoise=False),
+            "teacher, Glance's 10 steps, no experts",
+            out,
+            net,
+            per_prompt,
+        )
+    )
+    for n_pairs in (1, 10):
+        pixels, prompts = train_batch("post", n_pairs, torch.Generator().manual_seed(100 + n_pairs))
+        for router in (False, True):
+            c = DigitsFamily().load(str(base))
+            torch.manual_seed(0)
+            tsm.add_experts(c.denoiser, glance_spec(ts["cut"], rank=4, targets=ATTN, context=router))
+            t0 = time.perf_counter()
+            train_glance(c, pixels, prompts, ts, steps=steps, lr=5e-4, warmup=10)
+            if router:
+                train_glance(c, pixels, prompts, ts, steps=steps, lr=5e-4, warmup=10, stage="assemble")
+            name = f"Glance{' + router' if router else ''}, {n_pairs} pair{'s' if n_pairs > 1 else ''}"
+            row = _score(c, _listed(listed, ts["final"], guidance, renoise=False), name, out, net, per_prompt)
+            row["train_seconds"] = time.perf_counter() - t0
+            rows.append(row)
+    return rows
+
+
+def markdown(distill: list[dict], glance: list[dict], args: argparse.Namespace) -> str:
+    def table(rows: list[dict]) -> list[str]:
+        ref = rows[0]["sample_seconds"]
+        lines = [
+            "| method | FID ↓ | digit acc ↑ | sampling s | ÷ 50-step teacher | train s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            train = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "—"
+            lines.append(
+                f"| {r['name']} | {r['fid']:.1f} | {r['digit_acc']:.3f} | {r['sample_seconds']:.2f} | "
+                f"{r['sample_seconds'] / ref:.3f} | {train} |"
+            )
+        return lines
+
+    return "\n".join(
+        [
+            "# Digits benchmark: few-step generation",
+            "",
+            f"One seed; {args.per_prompt * 60} held-out source prompts per row; guidance {args.guidance:g} for the teacher.",
+            "",
+            f"## Distillation ({args.updates} generator updates at batch {args.batch}; 2-stage: +{args.updates // 2} router updates)",
+            "",
+            *table(distill),
+            "",
+            f"## Glance ({args.glance_steps} steps per stage, batch 1 per phase, constant LR after 10 warm-up steps)",
+            "",
+            *table(glance),
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="tsm bench digits-fast", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/digits_fast")
+    p.add_argument("--base", default=str(BASE_DIR))
+    p.add_argument("--updates", type=int, default=200, help="generator updates per distilled student")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--glance-steps", type=int, default=60)
+    p.add_argument("--per-prompt", type=int, default=8)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tsm.bench.digits import _quiet, load_net
+
+    _quiet()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    net = load_net(out / "digit_net.safetensors", None)
+    base = Path(args.base)
+    t0 = time.perf_counter()
+    distill = distill_rows(base, out, net, args.updates, args.batch, args.per_prompt, args.guidance)
+    glance = glance_rows(base, out, net, args.glance_steps, args.per_prompt, args.guidance)
+    md = markdown(distill, glance, args) + f"\nWall time {(time.perf_counter() - t0) / 60:.1f} min.\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(
+        json.dumps({"distill": distill, "glance": glance, "args": vars(args)}, indent=2)
+    )
+    print(md)
+    return {"distill": distill, "glance": glance}
+
+
+if __name__ == "__main__":
+    main()
