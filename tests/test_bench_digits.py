@@ -83,3 +83,16 @@ def test_resume_skips_finished_rows(toy_run, capsys):
     cfg, _ = toy_run
     run(cfg, progress=False)
     assert f"{2 * len(ROWS)} of {2 * len(ROWS)} rows already in" in capsys.readouterr().out
+
+
+def test_rows_run_in_worker_processes(toy_run, tmp_path):
+    """The default mode trains rows in spawned worker processes: one small row through that path."""
+    cfg, _ = toy_run
+    from dataclasses import replace
+
+    solo = replace(cfg, out=str(tmp_path / "solo"), workers=1, only=["LoRA r=4"], tasks=["post"])
+    summary = run(solo, progress=False)
+    assert set(summary["table"]["post"]) == {"LoRA r=4"}
+    assert (
+        json.loads((tmp_path / "solo" / "results.json").read_text())["rows"]["post/LoRA r=4/seed0"]["fid"] > 0
+    )

@@ -47,8 +47,8 @@ class Budget:
     batch: int = 32  # samples per expert per step
     lr: float = 1e-3  # AdamW, experts and routers
     assemble_steps: int = 150  # router steps of the 2-stage rows, at batch `batch`
-    eval_per_prompt: int = 8  # seeds per evaluation prompt (60 held-out prompts: 480 images)
-    sample_steps: int = 25  # DDIM steps
+    eval_per_prompt: int = 6  # seeds per evaluation prompt (60 held-out prompts: 360 images)
+    sample_steps: int = 20  # DDIM steps
     guidance: float = 3.0  # classifier-free guidance
 
 
@@ -340,11 +340,10 @@ def run_row(
 
 
 def _worker(args: tuple) -> dict:
-    row, budget, base, out, net_path, queue = args
+    row, budget, base, out, net_path, net_steps, queue = args
     torch.set_num_threads(1)
-    return run_row(
-        row, budget, base, out, net_path, report=lambda n: queue.put(n) if queue is not None else None
-    )
+    _quiet()
+    return run_row(row, budget, base, out, net_path, net_steps, report=queue.put)
 
 
 # ---------------------------------------------------------------------------------------------------------
