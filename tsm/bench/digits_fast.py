@@ -69,29 +69,25 @@ def _listed(timesteps: list, final: Any, guidance: float, renoise: bool) -> Any:
     )
 
 
+def teacher_row(base: Path, out: Path, net: Any, per_prompt: int, guidance: float, steps: int) -> dict:
+    """The many-step teacher both tables compare with (sampled and scored once)."""
+    return _score(
+        DigitsFamily().load(str(base)),
+        _teacher(steps, guidance),
+        f"teacher, {steps} DDIM steps",
+        out,
+        net,
+        per_prompt,
+    )
+
+
 def distill_rows(
-    base: Path,
-    out: Path,
-    net: Any,
-    updates: int,
-    batch: int,
-    per_prompt: int,
-    guidance: float,
-    teacher_steps: int = 50,
+    base: Path, out: Path, net: Any, updates: int, batch: int, per_prompt: int, guidance: float, teacher: dict
 ) -> list[dict]:
     from tsm.bench.digits import train_batch
     from tsm.recipes.distill import Distiller, distill_spec
 
-    rows = [
-        _score(
-            DigitsFamily().load(str(base)),
-            _teacher(teacher_steps, guidance),
-            f"teacher, {teacher_steps} DDIM steps",
-            out,
-            net,
-            per_prompt,
-        )
-    ]
+    rows = [teacher]
     rows.append(
         _score(
             DigitsFamily().load(str(base)),
@@ -134,20 +130,13 @@ def distill_rows(
 
 
 def glance_rows(
-    base: Path, out: Path, net: Any, steps: int, per_prompt: int, guidance: float, teacher_steps: int = 50
+    base: Path, out: Path, net: Any, steps: int, per_prompt: int, guidance: float, teacher: dict
 ) -> list[dict]:
     from tsm.bench.digits import train_batch
     from tsm.recipes.glance import glance_spec, glance_timesteps, train_glance
 
     rows = [
-        _score(
-            DigitsFamily().load(str(base)),
-            _teacher(teacher_steps, guidance),
-            f"teacher, {teacher_steps} DDIM steps",
-            out,
-            net,
-            per_prompt,
-        ),
+        teacher,
         _score(
             DigitsFamily().load(str(base)),
             _teacher(10, guidance),
@@ -241,12 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     net = load_net(out / "digit_net.safetensors", None)
     base = Path(args.base)
     t0 = time.perf_counter()
-    distill = distill_rows(
-        base, out, net, args.updates, args.batch, args.per_prompt, args.guidance, args.teacher_steps
-    )
-    glance = glance_rows(
-        base, out, net, args.glance_steps, args.per_prompt, args.guidance, args.teacher_steps
-    )
+    teacher = teacher_row(base, out, net, args.per_prompt, args.guidance, args.teacher_steps)
+    distill = distill_rows(base, out, net, args.updates, args.batch, args.per_prompt, args.guidance, teacher)
+    glance = glance_rows(base, out, net, args.glance_steps, args.per_prompt, args.guidance, teacher)
     md = markdown(distill, glance, args) + f"\nWall time {(time.perf_counter() - t0) / 60:.1f} min.\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(
