@@ -57,12 +57,13 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from tsm import io
+    from tsm.inject import ATTR
     from tsm.recipes.train import load_run
 
     _, c = load_run(args.run)
     name = args.module or c.family.denoiser_subfolder
     modules = c.modules()
-    if name not in modules or getattr(modules[name], "tsm_routing", None) is None:
+    if name not in modules or getattr(modules[name], ATTR, None) is None:
         raise TsmError(f"module {name!r} has no experts in {args.run}; choose from {', '.join(modules)}")
     if args.all:
         paths = io.export_all_lora(modules[name], args.out)

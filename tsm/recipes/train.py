@@ -28,7 +28,7 @@ from tsm.config import Config, save_config
 from tsm.errors import TsmError
 from tsm.families import Components, get_family
 from tsm.grads import clip_grad_norm_per_expert
-from tsm.inject import adapter_params, add_experts, get_routing, set_stage, set_timesteps
+from tsm.inject import ATTR, adapter_params, add_experts, get_routing, set_stage, set_timesteps
 from tsm.intervals import expert_index
 from tsm.spec import ExpertSpec
 
@@ -91,7 +91,7 @@ def build(cfg: Config, device: torch.device, weight_dtype: torch.dtype) -> Compo
 
 
 def expert_modules(c: Components) -> dict[str, torch.nn.Module]:
-    return {k: m for k, m in c.modules().items() if getattr(m, "tsm_routing", None) is not None}
+    return {k: m for k, m in c.modules().items() if getattr(m, ATTR, None) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def step_draws(cfg: Config, c: Components, step: int) -> tuple[dict[str, torch.T
     if cfg.train.method == "assemble":
         weights = torch.full((batch,), 1.0 / batch)  # one mixture: the plain mean
     else:  # each expert's own mean loss (see tsm.expert_loss_weights)
-        offsets = torch.tensor([0, *torch.tensor(spec.experts_per_scale).cumsum(0).tolist()[:-1]])
+        offsets = torch.tensor(get_routing(c.denoiser).offsets)  # global id of each scale's first expert
         ids = torch.stack([expert_index(t, s, spec.num_timesteps) for s in spec.scales]).gather(
             0, scales[None]
         )[0]
