@@ -19,13 +19,13 @@ import yaml
 
 from tsm.errors import TsmError
 
-FAMILIES = ("sd15", "pixart", "sd3", "video3d")
+FAMILIES = ("sd15", "pixart", "sd3", "video3d", "flux", "qwen")
 METHODS = ("lora", "foster", "assemble")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "sd15"  # sd15 | pixart | sd3 | video3d
+    family: str = "sd15"  # sd15 | pixart | sd3 | video3d | flux | qwen
     path: str = ""  # hub id or local folder in diffusers layout (model_index.json + subfolders)
     revision: str | None = None  # hub revision
     prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction); flow for sd3

@@ -78,6 +78,7 @@ class Family:
     default_text_targets: list[str] = ["q_proj", "v_proj"]
     video = False
     max_text_length = 77
+    timestep_scale = 1.0  # the denoiser's `timestep` argument times this is t in [0, T] (1000 for t in [0, 1])
 
     @property
     def text_expert_subfolders(self) -> tuple[str, ...]:
@@ -116,6 +117,12 @@ class Family:
         import diffusers
 
         return _load(diffusers.DDIMScheduler, path, "scheduler", revision)
+
+    def set_timesteps(
+        self, c: Components, steps: int, resolution: int, device: torch.device | str | None = None
+    ) -> None:
+        """Set the sampling scheduler to ``steps`` steps (resolution-dependent shifts override this)."""
+        c.scheduler.set_timesteps(steps, device=device)
 
     def objective(
         self, scheduler_config: Any, prediction_type: str | None

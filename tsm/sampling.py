@@ -72,7 +72,7 @@ def sample(
     shape = family.latent_shape(c, resolution, num_frames)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     scheduler = c.scheduler
-    scheduler.set_timesteps(steps, device=device)
+    family.set_timesteps(c, steps, resolution, device)
     # flow-matching schedulers start from unit noise and need no input scaling
     latents = torch.stack(noise).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)  # (N, C, [F,] h, w)
     cfg = guidance_scale > 1.0

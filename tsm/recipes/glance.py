@@ -27,7 +27,11 @@ FAST = (11, 21, 31, 41, 50)
 
 
 def glance_timesteps(
-    c: Components, reference_steps: int = 50, slow: Sequence[int] = SLOW, fast: Sequence[int] = FAST
+    c: Components,
+    reference_steps: int = 50,
+    slow: Sequence[int] = SLOW,
+    fast: Sequence[int] = FAST,
+    resolution: int = 512,
 ) -> dict[str, Any]:
     """The phases' listed timesteps on the model's own reference schedule, the cut, and the final timestep.
 
@@ -35,7 +39,7 @@ def glance_timesteps(
     (the last step then goes straight to x0: final None).
     """
     sched = c.scheduler
-    sched.set_timesteps(reference_steps)
+    c.family.set_timesteps(c, reference_steps, resolution)  # resolution: for shifts that depend on it
     if c.objective.continuous:
         return glance_schedule(sched.sigmas.tolist(), slow, fast, c.objective.num_timesteps)
     ts = [float(t) for t in sched.timesteps.tolist()]  # t_1 > t_2 > ... > t_N

@@ -56,6 +56,7 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
         targets=e.targets or family.default_targets,
         router=e.router,
         num_timesteps=c.objective.num_timesteps,
+        timestep_scale=family.timestep_scale,
     )
     specs = {family.denoiser_subfolder: base}
     text_targets = family.default_text_targets if e.text_targets is None else e.text_targets
