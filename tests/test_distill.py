@@ -97,3 +97,25 @@ def test_one_update_trains_only_the_sampled_steps_expert(base):
     assert changed == {expert}
     assert fake_layer.lora_B["s0_i0"].abs().sum() > 0  # the fake score's LoRA trained
     assert all(v == v for v in (out["generator"], out["fake"]))
+
+
+def test_gan_phase_trains_the_head_and_reaches_the_generator(base):
+    real = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    after = {}
+    for gan in (False, True):
+        c, _ = student(base)
+        torch.manual_seed(0)
+        d = Distiller(c, fake_updates=1, gan_weight=0.5)
+        head = {k: v.detach().clone() for k, v in d.head.state_dict().items()}
+        out = d.step(["digit 3", "digit 8"], torch.Generator().manual_seed(2), real=real, gan=gan)
+        changed = any(not torch.equal(v, d.head.state_dict()[k]) for k, v in head.items())
+        assert changed == gan  # the head learns only in the GAN phase
+        assert ("gan_generator" in out) == gan and ("gan_head" in out) == gan
+        layer = c.denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        after[gan] = {k: v.detach().clone() for k, v in layer.lora_B.items()}
+        if gan:
+            assert out["generator"] > out["dm"]  # dm + weight * softplus(-logit) > dm
+    # the same draws, with and without the GAN term: the generator's update differs
+    assert any(not torch.equal(after[True][k], after[False][k]) for k in after[True])
+    with pytest.raises(ValueError, match="real latents"):
+        d.step(["digit 3", "digit 8"], torch.Generator().manual_seed(2), gan=True)

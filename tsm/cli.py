@@ -3,6 +3,7 @@
     tsm train configs/sd15_foster.yaml train.steps=100 [--resume]
     tsm sample runs/sd15_foster --prompt "a photo of a dog" --seeds 0 1 2 --steps 25
     tsm export runs/sd15_foster --scale 0 --index 3 --out expert.safetensors     (or --all --out DIR)
+    tsm export runs/sd15_distill --timesteps 999 749 499 249 --out DIR    (one merged LoRA per step)
     tsm info runs/sd15_foster/unet.safetensors
     tsm bench digits [--full]                         (or: tsm bench speed)
 
@@ -31,20 +32,19 @@ def _train(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
     from tsm.images import save_images
-    from tsm.recipes.train import load_run
-    from tsm.sampling import sample
+    from tsm.recipes.train import load_run, sample_run
 
     cfg, c = load_run(args.run)
     prompts = args.prompt or cfg.train.validation_prompts
     pairs = [(p, s) for p in prompts for s in args.seeds]
-    images = sample(
+    images = sample_run(
+        cfg,
         c,
         [p for p, _ in pairs],
         [s for _, s in pairs],
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        resolution=args.resolution or cfg.data.resolution,
-        num_frames=cfg.data.num_frames,
+        args.steps,
+        args.guidance,
+        args.resolution or cfg.data.resolution,
     )
     out = Path(args.out or Path(args.run) / "samples")
     names = [f"p{i // len(args.seeds):02d}_seed{s}" for i, (_, s) in enumerate(pairs)]
@@ -65,7 +65,13 @@ def _export(args: argparse.Namespace) -> None:
     modules = c.modules()
     if name not in modules or getattr(modules[name], ATTR, None) is None:
         raise TsmError(f"module {name!r} has no experts in {args.run}; choose from {', '.join(modules)}")
-    if args.all:
+    if args.timesteps:
+        paths = [
+            io.export_step_lora(modules[name], t, Path(args.out) / f"t{t:g}.safetensors")
+            for t in args.timesteps
+        ]
+        print(f"wrote {len(paths)} per-step LoRA files to {args.out}")
+    elif args.all:
         paths = io.export_all_lora(modules[name], args.out)
         print(f"wrote {len(paths)} LoRA files to {args.out}")
     else:
@@ -103,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsm", description="Timestep LoRA experts for diffusers models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train plain LoRA, foster or assemble experts from a YAML config")
+    p = sub.add_parser(
+        "train", help="plain LoRA, foster, assemble, distill or glance, from a YAML config (see configs/)"
+    )
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
@@ -129,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=0, help="0 = the finest scale (the core experts)")
     p.add_argument("--index", type=int, default=0, help="interval index within the scale")
     p.add_argument("--all", action="store_true", help="export every expert into the folder --out")
+    p.add_argument(
+        "--timesteps",
+        type=float,
+        nargs="+",
+        help="one LoRA per sampling step into the folder --out: every expert active at t, merged into one",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
 

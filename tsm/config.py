@@ -20,7 +20,7 @@ import yaml
 from tsm.errors import TsmError
 
 FAMILIES = ("sd15", "pixart", "sd3", "video3d", "flux", "qwen")
-METHODS = ("lora", "foster", "assemble")
+METHODS = ("lora", "foster", "assemble", "distill", "glance")
 
 
 @dataclass
@@ -76,11 +76,38 @@ class ObjectiveConfig:
 
 
 @dataclass
+class DistillConfig:
+    # method distill (TSM section 4.3, DMD2-style). experts.scales: [4] one expert per step, [4, 1] adds a
+    # routed full-range context expert (2-stage: train.assemble_steps router updates), [1] the plain-LoRA baseline
+    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # the generator's steps
+    guidance_scale: float = 3.0  # classifier-free guidance of the real score (the frozen teacher)
+    fake_rank: int = 64  # LoRA rank of the fake score (the teacher plus its own LoRA)
+    fake_lr: float | None = None  # fake score's learning rate (None: = optim.lr)
+    fake_updates: int = 5  # fake-score updates per generator update
+    t_min: int = 20  # distribution matching: noise levels drawn in [t_min, t_max)
+    t_max: int = 980
+    gan_weight: float = 0.0  # > 0: GAN phase, generator loss weight of a head on the fake score's features
+    gan_start: int = 0  # generator step at which the GAN phase starts
+    gan_disc_weight: float = 1.0  # weight of the head's real/fake loss in the fake-score updates
+
+
+@dataclass
+class GlanceConfig:
+    # method glance (arXiv 2512.02899): slow/fast phase experts on an uneven subset of a reference schedule
+    reference_steps: int = 50  # the reference schedule (steps are 1-indexed into it)
+    slow: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9])  # the slow (semantic) phase's steps
+    fast: list[int] = field(default_factory=lambda: [11, 21, 31, 41, 50])  # the fast (detail) phase's steps
+    router: bool = False  # also a full-range context LoRA; train.assemble_steps router updates at the end
+    max_pairs: int = 1  # image-caption pairs taken from data.path (the paper: 1)
+
+
+@dataclass
 class TrainConfig:
-    method: str = "foster"  # lora (plain LoRA, n=1) | foster | assemble
+    method: str = "foster"  # lora (plain LoRA, n=1) | foster | assemble | distill | glance
     experts_from: str | None = None  # assemble: the fostered checkpoint (a run dir or experts .safetensors)
     only_expert: list[int] | None = None  # foster a single expert [scale, index], as the paper ran them
-    steps: int = 4000  # optimizer steps
+    steps: int = 4000  # optimizer steps (distill: generator updates)
+    assemble_steps: int = 0  # distill/glance with a context expert: router-only steps after `steps`
     batch_size: int = 64  # global batch (split over processes and accumulation steps)
     grad_accum: int = 1  # gradient accumulation steps
     mixed_precision: str = "no"  # no | bf16 | fp16 (adapters stay float32)
@@ -105,6 +132,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    glance: GlanceConfig = field(default_factory=GlanceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +147,8 @@ def _section_types() -> dict[str, type]:
         "optim": OptimConfig,
         "objective": ObjectiveConfig,
         "train": TrainConfig,
+        "distill": DistillConfig,
+        "glance": GlanceConfig,
     }
 
 
@@ -138,9 +169,7 @@ def _unknown(key: str) -> TsmError:
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Build a Config from nested dicts, rejecting unknown keys with a suggestion."""
     if not isinstance(d, dict):
-        raise TsmError(
-            "a config must be a mapping of sections (model, experts, data, optim, objective, train)"
-        )
+        raise TsmError(f"a config must be a mapping of sections ({', '.join(_section_types())})")
     sections = {}
     for name, value in d.items():
         cls = _section_types().get(name)
@@ -192,6 +221,19 @@ def validate(cfg: Config) -> None:
     for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
         if getattr(cfg.train, key) < 1:
             raise TsmError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.train.assemble_steps < 0:
+        raise TsmError(f"train.assemble_steps must be >= 0, got {cfg.train.assemble_steps}")
+    d = cfg.distill
+    if cfg.train.method == "distill":
+        ts = d.timesteps
+        if not ts or any(not 0 <= t <= 1000 for t in ts) or sorted(set(ts), reverse=True) != list(ts):
+            raise TsmError(f"distill.timesteps must be distinct and decreasing in [0, 1000], got {ts}")
+        if d.fake_updates < 1 or d.fake_rank < 1:
+            raise TsmError("distill.fake_updates and distill.fake_rank must be >= 1")
+        if not 0 <= d.t_min < d.t_max <= 1000:
+            raise TsmError(f"distill needs 0 <= t_min < t_max <= 1000, got {d.t_min}, {d.t_max}")
+    if cfg.train.method == "glance" and cfg.glance.max_pairs < 1:
+        raise TsmError(f"glance.max_pairs must be >= 1, got {cfg.glance.max_pairs}")
     if cfg.train.only_expert is not None and len(cfg.train.only_expert) != 2:
         raise TsmError(f"train.only_expert must be [scale, index], got {cfg.train.only_expert!r}")
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from tsm.errors import TsmError
 from tsm.inject import expert_layers, get_routing
-from tsm.intervals import interval_bounds
+from tsm.intervals import check_timesteps, expert_index, interval_bounds
 from tsm.spec import ExpertSpec
 
 FORMAT = "1"  # tsm_format in the metadata; bump when the key layout changes
@@ -278,6 +278,48 @@ def export_all_lora(model: nn.Module, directory: PathLike, prefix: str | None = 
         for s, n in enumerate(spec.experts_per_scale)
         for i in range(n)
     ]
+
+
+def export_step_lora(model: nn.Module, t: float, path: PathLike, prefix: str | None = None) -> Path:
+    """Write the LoRA a sampling step at timestep ``t`` (in [0, T]) uses, as one diffusers/PEFT LoRA file.
+
+    Fostered experts: the core expert of t. Assembled with a timestep-only router (``router="t_only"``): the
+    core and every context expert of t, weighted by its gate E[t], stacked into one LoRA of their summed
+    rank -- exactly the layer's update at t. A gate that reads the layer's input (F(z)) makes the update
+    non-linear in the input, so it cannot be written as a LoRA: that is refused. Fuse the file into the
+    base weights (``pipe.fuse_lora()``) and a step costs what a base-model step costs.
+    """
+    routing = get_routing(model)
+    spec = routing.spec
+    check_timesteps(torch.tensor([float(t)]), spec.num_timesteps)
+    index = int(expert_index(torch.tensor(float(t)), spec.scales[0], spec.num_timesteps))
+    if routing.stage != "assemble" or len(spec.scales) == 1:
+        return export_lora(model, path, scale=0, index=index, prefix=prefix)
+    if spec.router != "t_only":
+        raise TsmError(
+            f"the {spec.router} router's gates depend on the layer's input, so an assembled step is not a LoRA; "
+            "export the core experts (--scale 0 --index i) or assemble with experts.router=t_only"
+        )
+    t_index = min(int(float(t)), spec.num_timesteps - 1)
+    keys = [
+        f"s{s}_i{int(expert_index(torch.tensor(float(t)), sc, spec.num_timesteps))}"
+        for s, sc in enumerate(spec.scales)
+    ]
+    prefix = default_prefix(model) if prefix is None else prefix
+    head = f"{prefix}." if prefix else ""
+    tensors = {}
+    for name, layer in expert_layers(model):
+        gates = (layer.router.table[t_index] + layer.router.offset).detach()  # (g,)
+        weights = [1.0, *gates.tolist()]  # the core is always on
+        a = torch.cat([layer.lora_A[k].detach() for k in keys])  # (m r, in[, *k])
+        b = torch.cat(
+            [w * layer.scaling * layer.lora_B[k].detach() for w, k in zip(weights, keys, strict=True)], 1
+        )
+        tensors[f"{head}{name}.lora_A.weight"] = a
+        tensors[f"{head}{name}.lora_B.weight"] = b  # (out, m r[, 1..])
+    step = {"t": float(t), "experts": keys}
+    metadata = {"format": "pt", "tsm_spec": spec.to_json(), "tsm_step": json.dumps(step)}
+    return _atomic_save(tensors, path, metadata)
 
 
 def _strip_component(keys: list[str], prefix: str | None, model: nn.Module) -> dict[str, str]:

@@ -14,6 +14,13 @@ One generator update (Yin et al. 2024, DMD2):
    (fake - real), normalised as in DMD.
 The fake score is trained with the ordinary diffusion loss on the generator's (detached) outputs,
 ``fake_updates`` times per generator update.
+
+Optional GAN phase (DMD2 section 4.3): a small head on the fake score's bottleneck features (the UNet's
+mid block, or a DiT's last block) tells noisy real latents from noisy generator outputs; the head trains
+with the fake score, and the generator gets a non-saturating GAN loss through the (frozen) fake score.
+
+Two stages, as for the other tasks: with a context scale (``scales=(4, 1)``) the experts are fostered with
+the generator loss, then `Distiller.assemble` freezes them and only the routers train.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 import tsm
 from tsm.families import Components
@@ -40,6 +48,11 @@ def distill_spec(
     )
 
 
+def _timesteps(c: Components, t: float, n: int) -> torch.Tensor:
+    """(n,) copies of t in the objective's dtype: integer for DDPM models, float for flow matching."""
+    return torch.full((n,), t, dtype=torch.float32 if c.objective.continuous else torch.long)
+
+
 def generator_input(
     c: Components, step: int, noise: torch.Tensor, cond: dict, steps: Sequence[int], gen: torch.Generator
 ) -> torch.Tensor:
@@ -47,20 +60,74 @@ def generator_input(
     x = noise
     with torch.no_grad():
         for k in range(step):
-            t = torch.full((len(x),), steps[k], dtype=torch.long)
+            t = _timesteps(c, steps[k], len(x))
             pred = c.family.denoise(c, x, t, cond)
             renoise = torch.randn(x.shape, generator=gen)
             x = step_to(c.objective, pred, x, t, steps[k + 1], renoise)
     return x
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the GAN head
+# ---------------------------------------------------------------------------------------------------------
+def feature_module(denoiser: nn.Module) -> nn.Module:
+    """The fake score's bottleneck: a UNet's mid block, else a transformer's last block."""
+    if getattr(denoiser, "mid_block", None) is not None:
+        return denoiser.mid_block
+    last = None
+    for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
+        blocks = getattr(denoiser, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            last = blocks[-1]
+    if last is None:
+        raise tsm.TsmError(
+            f"no mid_block or transformer blocks in {type(denoiser).__name__} for the GAN head"
+        )
+    return last
+
+
+class GanHead(nn.Module):
+    """Real-vs-generated logit from features (B, C, *spatial) or tokens (B, L, C): a per-token MLP, averaged."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(channels), nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1)
+        )
+
+    @staticmethod
+    def tokens(features: torch.Tensor) -> torch.Tensor:
+        if features.dim() == 3:  # (B, L, C)
+            return features
+        return features.flatten(2).transpose(1, 2)  # (B, C, *S) -> (B, L, C)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(self.tokens(features).float()).mean(dim=(1, 2))  # (B,)
+
+
+class _Capture:
+    """Forward hook keeping the last output of a module: a tensor, or the last tensor of a tuple (MM-DiT
+    blocks return (text, image) tokens)."""
+
+    def __init__(self) -> None:
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, out: object) -> None:
+        if isinstance(out, tuple):
+            out = [o for o in out if isinstance(o, torch.Tensor)][-1]
+        self.out = out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the distiller
+# ---------------------------------------------------------------------------------------------------------
 class Distiller:
     """DMD-style distillation of ``c`` (whose denoiser already has the generator's experts)."""
 
     def __init__(
         self,
         c: Components,
-        steps: Sequence[int] = STEPS,
+        steps: Sequence[float] = STEPS,
         fake_rank: int = 8,
         fake_targets: list[str] | None = None,
         lr: float = 1e-4,
@@ -68,22 +135,58 @@ class Distiller:
         guidance: float = 3.0,
         fake_updates: int = 5,
         t_range: tuple[int, int] = (20, 980),
+        gan_weight: float = 0.0,
+        gan_disc_weight: float = 1.0,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        resolution: int = 512,
+        num_frames: int = 16,
     ) -> None:
-        self.c, self.steps, self.guidance, self.fake_updates, self.t_range = (
-            c,
-            list(steps),
-            guidance,
-            fake_updates,
-            t_range,
-        )
+        self.resolution, self.num_frames = resolution, num_frames  # of generated samples (pixels, frames)
+        self.c, self.steps, self.guidance, self.fake_updates = c, list(steps), guidance, fake_updates
+        self.t_range, self.gan_weight, self.gan_disc_weight = t_range, gan_weight, gan_disc_weight
+        self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
         unet = c.denoiser
         # the fake score starts as the teacher: a copy of the base weights with its own plain LoRA
         self.fake = tsm.inject.base_copy(unet)
-        targets = fake_targets or tsm.get_routing(unet).spec.targets
-        tsm.add_experts(self.fake, tsm.ExpertSpec(scales=(1,), rank=fake_rank, targets=targets))
+        routing = tsm.get_routing(unet)
+        spec = routing.spec
+        targets = fake_targets or spec.targets
+        fake_spec = tsm.ExpertSpec(
+            scales=(1,),
+            rank=fake_rank,
+            targets=targets,
+            num_timesteps=spec.num_timesteps,
+            timestep_scale=spec.timestep_scale,
+        )
+        tsm.add_experts(self.fake, fake_spec)
         self.fake_c = replace(c, denoiser=self.fake)
-        self.opt = torch.optim.AdamW(tsm.adapter_params(unet), lr=lr, weight_decay=0.0)
-        self.fake_opt = torch.optim.AdamW(tsm.adapter_params(self.fake), lr=fake_lr, weight_decay=0.0)
+        self.capture = _Capture()
+        feature_module(self.fake).register_forward_hook(self.capture)
+        self.head = self._make_head()
+        self.opt = self._generator_optimizer()
+        self.fake_opt = torch.optim.AdamW(
+            [*tsm.adapter_params(self.fake), *self.head.parameters()], lr=fake_lr, weight_decay=0.0
+        )
+
+    def _make_head(self) -> GanHead:
+        """Size the head from one forward of the fake score on a dummy batch."""
+        c = self.fake_c
+        with torch.no_grad():
+            x = torch.zeros((1, *c.family.latent_shape(c, self.resolution, self.num_frames)))
+            c.family.denoise(c, x, _timesteps(c, self.steps[0], 1), c.family.encode_prompt(c, [""]))
+        return GanHead(GanHead.tokens(self.capture.out).shape[-1])
+
+    def _generator_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            tsm.adapter_params(self.c.denoiser), lr=self.lr, weight_decay=self.weight_decay
+        )
+
+    def assemble(self, lr: float | None = None) -> None:
+        """Second stage: freeze the fostered experts; from now on only the routers learn."""
+        tsm.set_stage(self.c.denoiser, "assemble")
+        self.lr = lr if lr is not None else self.lr
+        self.opt = self._generator_optimizer()
 
     def real_score(self, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
         """x0 of the frozen teacher with guidance: the generator's module with its experts off."""
@@ -93,51 +196,195 @@ class Distiller:
             pu, pc = c.family.denoise(c, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
             return c.objective.split(pu + self.guidance * (pc - pu), x, t)[0]
 
+    def _noise_level(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        t = torch.randint(*self.t_range, (n,), generator=gen)
+        return t.float() if self.c.objective.continuous else t
+
+    def _logit(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The GAN head on the fake score's features of noisy x at t."""
+        self.c.family.denoise(self.fake_c, x, t, cond)
+        return self.head(self.capture.out)
+
     def step(
-        self, prompts: list[str], gen: torch.Generator, report: Callable[[int], None] | None = None
+        self,
+        prompts: list[str],
+        gen: torch.Generator,
+        report: Callable[[int], None] | None = None,
+        real: torch.Tensor | None = None,
+        gan: bool = False,
     ) -> dict[str, float]:
-        """One generator update and ``fake_updates`` fake-score updates; returns the losses."""
+        """One generator update and ``fake_updates`` fake-score updates; returns the losses.
+
+        ``gan=True`` adds the GAN losses of the second phase; ``real`` is then a batch of real latents whose
+        captions are ``prompts``.
+        """
         c, obj, unet = self.c, self.c.objective, self.c.denoiser
+        gan = gan and self.gan_weight > 0
+        if gan and (real is None or len(real) != len(prompts)):
+            raise ValueError("the GAN phase needs the real latents of the prompts' images (real=...)")
         n = len(prompts)
         with torch.no_grad():
             cond = c.family.encode_prompt(c, prompts)
             uncond = c.family.encode_prompt(c, [""] * n)
-        shape = c.family.latent_shape(c, 0, 0)
+        shape = c.family.latent_shape(c, self.resolution, self.num_frames)
         noise = torch.randn((n, *shape), generator=gen)
         k = int(torch.randint(len(self.steps), (1,), generator=gen))
+        unet.train()  # the simulation routes each sample as the update does (and never merges weights)
         x_k = generator_input(c, k, noise, cond, self.steps, gen)
-        unet.train()
-        t_k = torch.full((n,), self.steps[k], dtype=torch.long)
+        t_k = _timesteps(c, self.steps[k], n)
         x0 = obj.split(c.family.denoise(c, x_k, t_k, cond), x_k, t_k)[0]  # the generator's output, with grad
 
         # distribution matching gradient at a random noise level
-        t = torch.randint(*self.t_range, (n,), generator=gen)
+        t = self._noise_level(n, gen)
         xt = obj.noisy(x0.detach(), torch.randn(x0.shape, generator=gen), t)
-        real = self.real_score(xt, t, cond, uncond)
+        real_x0 = self.real_score(xt, t, cond, uncond)
+        self.fake.eval()
         with torch.no_grad():
-            self.fake.eval()
-            fake = obj.split(c.family.denoise(self.fake_c, xt, t, cond), xt, t)[0]
-        weight = (x0.detach() - real).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True).clamp_min(1e-4)
-        grad = (fake - real) / weight
+            fake_x0 = obj.split(c.family.denoise(self.fake_c, xt, t, cond), xt, t)[0]
+        weight = (x0.detach() - real_x0).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True)
+        grad = (fake_x0 - real_x0) / weight.clamp_min(1e-4)
         target = (x0 - grad).detach()
-        gen_loss = 0.5 * (x0 - target).square().flatten(1).mean(1).mean()
+        dm_loss = 0.5 * (x0 - target).square().flatten(1).mean(1).mean()
+        gen_loss = dm_loss
+        out: dict[str, float] = {"step": k, "dm": dm_loss.item()}
+        if gan:  # non-saturating GAN loss through the fake score (its weights get no update from it)
+            t_g = self._noise_level(n, gen)
+            logit = self._logit(obj.noisy(x0, torch.randn(x0.shape, generator=gen), t_g), t_g, cond)
+            gan_loss = nn.functional.softplus(-logit).mean()
+            gen_loss = gen_loss + self.gan_weight * gan_loss
+            out["gan_generator"] = gan_loss.item()
         self.opt.zero_grad(set_to_none=True)
         gen_loss.backward()
-        tsm.clip_grad_norm_per_expert(unet, 1.0)
+        if self.max_grad_norm is not None:
+            tsm.clip_grad_norm_per_expert(unet, self.max_grad_norm)
         self.opt.step()
+        out["generator"] = gen_loss.item()
 
         # the fake score follows the generator's distribution (diffusion loss on its outputs)
         self.fake.train()
-        fake_losses = []
+        fake_losses, disc_losses = [], []
         for _ in range(self.fake_updates):
             t_f = obj.sample_t(n, gen)
             eps = torch.randn(x0.shape, generator=gen)
             pred = c.family.denoise(self.fake_c, obj.noisy(x0.detach(), eps, t_f), t_f, cond)
             loss = obj.loss(pred, x0.detach(), eps, t_f).mean()
+            fake_losses.append(loss.item())
+            if gan:  # the head: generated (features of the pass above) vs noisy real latents
+                fake_logit = self.head(self.capture.out)
+                t_r = self._noise_level(n, gen)
+                real_noisy = obj.noisy(real, torch.randn(real.shape, generator=gen), t_r)
+                real_logit = self._logit(real_noisy, t_r, cond)
+                disc = nn.functional.softplus(fake_logit).mean() + nn.functional.softplus(-real_logit).mean()
+                loss = loss + self.gan_disc_weight * disc
+                disc_losses.append(disc.item())
             self.fake_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.fake_opt.step()
-            fake_losses.append(loss.item())
+        out["fake"] = sum(fake_losses) / len(fake_losses)
+        if disc_losses:
+            out["gan_head"] = sum(disc_losses) / len(disc_losses)
         if report is not None:
             report(n)
-        return {"generator": gen_loss.item(), "fake": sum(fake_losses) / len(fake_losses), "step": k}
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizers and the GAN head (the fake score's LoRA is saved with `tsm.save(d.fake, ...)`)."""
+        return {
+            "opt": self.opt.state_dict(),
+            "fake_opt": self.fake_opt.state_dict(),
+            "head": self.head.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        self.fake_opt.load_state_dict(state["fake_opt"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `tsm train` with method: distill
+# ---------------------------------------------------------------------------------------------------------
+class DistillRecipe:
+    """The CLI's distillation run: prompts (and, in the GAN phase, real latents) from ``data.path``."""
+
+    def __init__(self, cfg: Any, c: Components, dataset: Any, cache: Any) -> None:
+        d = cfg.distill
+        self.cfg, self.c, self.dataset, self.cache = cfg, c, dataset, cache
+        self.distiller = Distiller(
+            c,
+            steps=d.timesteps,
+            fake_rank=d.fake_rank,
+            lr=cfg.optim.lr,
+            fake_lr=d.fake_lr if d.fake_lr is not None else cfg.optim.lr,
+            guidance=d.guidance_scale,
+            fake_updates=d.fake_updates,
+            t_range=(d.t_min, d.t_max),
+            gan_weight=d.gan_weight,
+            gan_disc_weight=d.gan_disc_weight,
+            weight_decay=cfg.optim.weight_decay,
+            max_grad_norm=cfg.optim.max_grad_norm,
+            resolution=cfg.data.resolution,
+            num_frames=cfg.data.num_frames,
+        )
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {self.c.family.denoiser_subfolder: self.c.denoiser, "fake_score": self.distiller.fake}
+
+    def begin(self, step: int) -> None:
+        if step >= self.cfg.train.steps and tsm.get_routing(self.c.denoiser).stage != "assemble":
+            self.distiller.assemble()
+
+    def step(self, step: int) -> dict[str, float]:
+        from tsm.data import collate
+        from tsm.recipes.loop import step_generator
+        from tsm.recipes.train import encode_latents
+
+        cfg = self.cfg
+        g = step_generator(cfg.train.seed, step)
+        idx = torch.randint(len(self.dataset), (cfg.train.batch_size,), generator=g)
+        batch = collate([self.dataset[int(i)] for i in idx])
+        drop = torch.rand(len(idx), generator=g) < cfg.data.caption_dropout
+        prompts = ["" if dr else p for dr, p in zip(drop.tolist(), batch["captions"], strict=True)]
+        gan = cfg.distill.gan_weight > 0 and step >= cfg.distill.gan_start
+        real = None
+        if gan:
+            with torch.no_grad():
+                gens = [
+                    torch.Generator().manual_seed(int(s))
+                    for s in torch.randint(2**62, (len(idx),), generator=g)
+                ]
+                real = encode_latents(self.c, batch, self.cache, gens)
+        out = self.distiller.step(prompts, g, real=real, gan=gan)
+        out["loss"] = out["generator"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.distiller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.distiller.load_state_dict(state)
+
+
+def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
+    """`tsm train` with ``train.method: distill``: the generator's experts (and the fake score) into output_dir."""
+    from pathlib import Path
+
+    from tsm.data import LatentCache, load_dataset
+    from tsm.families import get_family
+    from tsm.recipes.loop import run_recipe
+    from tsm.recipes.train import build, validation_grid
+
+    if cfg.train.assemble_steps and len(cfg.experts.scales) < 2:
+        raise tsm.TsmError("train.assemble_steps needs a context expert: experts.scales such as [4, 1]")
+    dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video)
+    c = build(cfg, torch.device("cpu"), torch.float32)
+    if not c.objective.continuous and max(cfg.distill.timesteps) >= c.objective.num_timesteps:
+        raise tsm.TsmError(
+            f"distill.timesteps must be below the model's {c.objective.num_timesteps} training timesteps"
+        )
+    run_dir = Path(cfg.train.output_dir)
+    cache = LatentCache(Path(cfg.data.cache_dir or run_dir / "cache"), c.model_id) if cfg.data.cache else None
+    recipe = DistillRecipe(cfg, c, dataset, cache)
+    total = cfg.train.steps + cfg.train.assemble_steps
+    return run_recipe(cfg, recipe, total, resume, lambda path: validation_grid(cfg, c, path))

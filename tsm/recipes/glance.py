@@ -61,9 +61,102 @@ def glance_spec(
     )
 
 
+class GlanceTrainer:
+    """Train the phase experts (or, in stage "assemble", the routers) on a few image-caption pairs.
+
+    Every step draws ``batch`` pairs for each phase and a timestep from that phase's list, so each phase's
+    expert sees only its own timesteps (fostering them together equals fostering them apart). With a context
+    expert (scales ([cut], 1)) the full-range LoRA is fostered on the model's own timestep density in the
+    same run. The learning rate is constant after ``warmup`` linear warm-up steps, as in the paper; step
+    ``i`` draws from a generator seeded by (seed, i).
+    """
+
+    def __init__(
+        self,
+        c: Components,
+        latents: torch.Tensor,
+        prompts: list[str],
+        timesteps: dict[str, Any],
+        lr: float = 5e-4,
+        warmup: int = 10,
+        batch: int = 1,
+        stage: str = "foster",
+        seed: int = 0,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        self.c, self.latents, self.prompts, self.timesteps = c, latents, list(prompts), timesteps
+        self.lr, self.warmup, self.batch, self.seed, self.max_grad_norm = (
+            lr,
+            warmup,
+            batch,
+            seed,
+            max_grad_norm,
+        )
+        self.modules = [
+            c.denoiser,
+            *[m for m in c.text_encoders.values() if getattr(m, tsm.inject.ATTR, None) is not None],
+        ]
+        self.set_stage(stage)
+
+    def set_stage(self, stage: str) -> None:
+        """Switch stage: a fresh optimizer (and warm-up) for what trains in it."""
+        self.stage = stage
+        for m in self.modules:
+            tsm.set_stage(m, stage)
+            m.train()
+        params = [p for m in self.modules for p in tsm.adapter_params(m)]
+        self.opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        warm = max(1, self.warmup)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+
+    def step(self, step: int) -> float:
+        """One update; returns the mean loss."""
+        from tsm.recipes.loop import step_generator
+
+        c, batch, g = self.c, self.batch, step_generator(self.seed, step)
+        has_context = len(tsm.get_routing(c.denoiser).spec.scales) > 1
+        dtype = torch.float32 if c.objective.continuous else torch.long
+        t_parts, scale_parts = [], []
+        for phase in ("slow", "fast"):
+            listed = torch.tensor(self.timesteps[phase], dtype=dtype)
+            t_parts.append(listed[torch.randint(len(listed), (batch,), generator=g)])
+            scale_parts.append(torch.zeros(batch, dtype=torch.long))
+        if has_context and self.stage == "foster":  # the full-range LoRA: any timestep
+            t_parts.append(c.objective.sample_t(batch, g))
+            scale_parts.append(torch.ones(batch, dtype=torch.long))
+        t, scales = torch.cat(t_parts).to(dtype), torch.cat(scale_parts)
+        pick = torch.randint(len(self.prompts), (len(t),), generator=g)
+        x0, caps = self.latents[pick], [self.prompts[i] for i in pick.tolist()]
+        noise = torch.randn(x0.shape, generator=g)
+        for m in self.modules:
+            tsm.get_routing(m).foster_scales = scales
+        for m in self.modules[1:]:
+            tsm.set_timesteps(m, t)
+        cond = c.family.encode_prompt(c, caps)
+        pred = c.family.denoise(c, c.objective.noisy(x0, noise, t), t, cond)
+        per_sample = c.objective.loss(pred, x0, noise, t)
+        # fostering: each expert's own mean (every expert gets `batch` samples); assembling: the plain mean
+        loss = per_sample.sum() / batch if self.stage == "foster" else per_sample.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            for m in self.modules:
+                tsm.clip_grad_norm_per_expert(m, self.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        return float(per_sample.detach().mean())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+
 def train_glance(
     c: Components,
-    pixels: torch.Tensor,
+    latents: torch.Tensor,
     prompts: list[str],
     timesteps: dict[str, Any],
     steps: int = 60,
@@ -74,54 +167,73 @@ def train_glance(
     seed: int = 0,
     report: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Train the phase experts (or, in stage "assemble", the routers) on the given image-caption pairs.
-
-    Every step draws ``batch`` pairs for each phase and a timestep from that phase's list, so each phase's
-    expert sees only its own timesteps (fostering them together equals fostering them apart). With a context
-    expert (scales ([cut], 1)) the full-range LoRA is fostered on uniform timesteps in the same run. The
-    learning rate is constant after ``warmup`` linear warm-up steps, as in the paper. Returns the losses.
-    """
-    unet = c.denoiser
-    modules = [unet, *[m for m in c.text_encoders.values() if getattr(m, tsm.inject.ATTR, None) is not None]]
-    for m in modules:
-        tsm.set_stage(m, stage)
-        m.train()
-    params = [p for m in modules for p in tsm.adapter_params(m)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-    g = torch.Generator().manual_seed(seed)
-    spec = tsm.get_routing(unet).spec
-    has_context = len(spec.scales) > 1
-    dtype = torch.float32 if c.objective.continuous else torch.long
+    """``steps`` updates of a `GlanceTrainer` (the phase experts, or in stage "assemble" the routers)."""
+    trainer = GlanceTrainer(c, latents, prompts, timesteps, lr, warmup, batch, stage, seed)
     losses = []
-    for _ in range(steps):
-        t_parts, scale_parts = [], []
-        for phase in ("slow", "fast"):
-            listed = torch.tensor(timesteps[phase], dtype=dtype)
-            t_parts.append(listed[torch.randint(len(listed), (batch,), generator=g)])
-            scale_parts.append(torch.zeros(batch, dtype=torch.long))
-        if has_context and stage == "foster":  # the full-range LoRA: any timestep
-            t_parts.append(c.objective.sample_t(batch, g))
-            scale_parts.append(torch.ones(batch, dtype=torch.long))
-        t, scales = torch.cat(t_parts).to(dtype), torch.cat(scale_parts)
-        pick = torch.randint(len(prompts), (len(t),), generator=g)
-        x0, caps = pixels[pick], [prompts[i] for i in pick.tolist()]
-        noise = torch.randn(x0.shape, generator=g)
-        for m in modules:
-            tsm.get_routing(m).foster_scales = scales
-        for m in modules[1:]:
-            tsm.set_timesteps(m, t)
-        cond = c.family.encode_prompt(c, caps)
-        pred = c.family.denoise(c, c.objective.noisy(x0, noise, t), t, cond)
-        per_sample = c.objective.loss(pred, x0, noise, t)
-        loss = per_sample.sum() / batch if stage == "foster" else per_sample.mean()  # each expert's own mean
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for m in modules:
-            tsm.clip_grad_norm_per_expert(m, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(per_sample.detach().mean()))
+    for i in range(steps):
+        losses.append(trainer.step(i))
         if report is not None:
-            report(len(t))
+            report(2 * batch)
     return losses
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `tsm train` with method: glance
+# ---------------------------------------------------------------------------------------------------------
+class GlanceRecipe:
+    """The CLI's Glance run: the first ``glance.max_pairs`` image-caption pairs of ``data.path``."""
+
+    def __init__(self, cfg: Any, c: Components, latents: torch.Tensor, prompts: list[str]) -> None:
+        from tsm.recipes.train import glance_schedule
+
+        self.cfg, self.c = cfg, c
+        self.trainer = GlanceTrainer(
+            c,
+            latents,
+            prompts,
+            glance_schedule(cfg, c),
+            lr=cfg.optim.lr,
+            warmup=cfg.optim.warmup_steps,
+            batch=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            max_grad_norm=cfg.optim.max_grad_norm,
+        )
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {self.c.family.denoiser_subfolder: self.c.denoiser}
+
+    def begin(self, step: int) -> None:
+        if step >= self.cfg.train.steps and self.trainer.stage != "assemble":
+            self.trainer.set_stage("assemble")
+
+    def step(self, step: int) -> dict[str, float]:
+        return {"loss": self.trainer.step(step)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+
+
+def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
+    """`tsm train` with ``train.method: glance``: slow/fast phase experts (and a router) into output_dir."""
+    from pathlib import Path
+
+    from tsm.data import LatentCache, collate, load_dataset
+    from tsm.families import get_family
+    from tsm.recipes.loop import run_recipe
+    from tsm.recipes.train import build, encode_latents, validation_grid
+
+    if cfg.train.assemble_steps and not cfg.glance.router:
+        raise tsm.TsmError("train.assemble_steps needs glance.router=true (a context expert to route)")
+    dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video)
+    c = build(cfg, torch.device("cpu"), torch.float32)
+    run_dir = Path(cfg.train.output_dir)
+    cache = LatentCache(Path(cfg.data.cache_dir or run_dir / "cache"), c.model_id) if cfg.data.cache else None
+    batch = collate([dataset[i] for i in range(min(cfg.glance.max_pairs, len(dataset)))])
+    with torch.no_grad():  # the posterior mean of each pair: the pairs are fixed, so is their latent
+        latents = encode_latents(c, batch, cache, None)
+    recipe = GlanceRecipe(cfg, c, latents, list(batch["captions"]))
+    total = cfg.train.steps + cfg.train.assemble_steps
+    return run_recipe(cfg, recipe, total, resume, lambda path: validation_grid(cfg, c, path))

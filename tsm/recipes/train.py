@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from tsm.spec import ExpertSpec
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+FEW_STEP = ("distill", "glance")  # recipes with their own step (tsm.recipes.loop)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -43,11 +45,13 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
     """The ExpertSpec of every module that gets experts (denoiser; text encoders if text_targets)."""
     family = c.family
     e = cfg.experts
-    scales = (
-        (1,)
-        if cfg.train.method == "lora"
-        else tuple(tuple(s) if isinstance(s, list) else s for s in e.scales)
-    )
+    if cfg.train.method == "lora":
+        scales: tuple = (1,)
+    elif cfg.train.method == "glance":  # the slow/fast cut sits on the model's own reference schedule
+        cut = glance_schedule(cfg, c)["cut"]
+        scales = ([cut], 1) if cfg.glance.router else ([cut],)
+    else:
+        scales = tuple(tuple(s) if isinstance(s, list) else s for s in e.scales)
     base = ExpertSpec(
         scales=scales,
         rank=e.rank,
@@ -59,6 +63,12 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
         timestep_scale=family.timestep_scale,
     )
     specs = {family.denoiser_subfolder: base}
+    if cfg.train.method in FEW_STEP:
+        if e.text_targets:
+            raise TsmError(
+                f"train.method={cfg.train.method} tunes the denoiser only; set experts.text_targets=[]"
+            )
+        return specs
     text_targets = family.default_text_targets if e.text_targets is None else e.text_targets
     if text_targets:
         for sub in family.text_expert_subfolders:
@@ -93,6 +103,40 @@ def build(cfg: Config, device: torch.device, weight_dtype: torch.dtype) -> Compo
 
 def expert_modules(c: Components) -> dict[str, torch.nn.Module]:
     return {k: m for k, m in c.modules().items() if getattr(m, ATTR, None) is not None}
+
+
+def glance_schedule(cfg: Config, c: Components) -> dict[str, Any]:
+    """Glance's listed timesteps, cut and final timestep for this config's model and resolution."""
+    from tsm.recipes.glance import glance_timesteps
+
+    g = cfg.glance
+    return glance_timesteps(c, g.reference_steps, g.slow, g.fast, resolution=cfg.data.resolution)
+
+
+def sample_run(
+    cfg: Config,
+    c: Components,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample a trained run the way its method samples: the scheduler with ``steps`` steps, or the distilled
+    generator's timesteps (re-noised, no guidance), or Glance's 10 uneven steps."""
+    from tsm.sampling import sample, sample_timesteps_list
+
+    common = dict(resolution=resolution, num_frames=cfg.data.num_frames)
+    if cfg.train.method == "distill":
+        return sample_timesteps_list(c, prompts, seeds, cfg.distill.timesteps, None, renoise=True, **common)
+    if cfg.train.method == "glance":
+        ts = glance_schedule(cfg, c)
+        listed = ts["slow"] + ts["fast"]
+        return sample_timesteps_list(
+            c, prompts, seeds, listed, ts["final"], guidance_scale=guidance_scale, **common
+        )
+    return sample(c, prompts, seeds, steps, guidance_scale, progress=progress, **common)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,22 +200,27 @@ def save_adapters(c: Components, directory: Path) -> None:
         io.save(module, directory / f"{name}.safetensors")
 
 
-def write_checkpoint(
-    run: Path, step: int, c: Components, opt: torch.optim.Optimizer, state: dict, keep: int
-) -> Path:
-    """checkpoints/step_N/ written as step_N.tmp/ then renamed: a killed run never leaves half a checkpoint."""
+def write_checkpoint(run: Path, step: int, save: Callable[[Path], None], state: dict, keep: int) -> Path:
+    """checkpoints/step_N/ written as step_N.tmp/ then renamed: a killed run never leaves half a checkpoint.
+
+    ``save(folder)`` writes the adapters and optimizer state; ``state`` (JSON) records the step and history.
+    """
     root = run / CHECKPOINTS
     final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_adapters(c, tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    save(tmp)
     (tmp / STATE).write_text(json.dumps({**state, "step": step}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_training_state(c: Components, opt: torch.optim.Optimizer, directory: Path) -> None:
+    save_adapters(c, directory)
+    torch.save(opt.state_dict(), directory / "optimizer.pt")
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -216,19 +265,18 @@ def plot_loss(history: list[tuple[int, float]], path: Path) -> None:
 
 def validation_grid(cfg: Config, c: Components, path: Path) -> Path:
     from tsm.images import make_grid, to_pil
-    from tsm.sampling import sample
 
     modes = {k: m.training for k, m in c.modules().items()}
     prompts = [p for p in cfg.train.validation_prompts for _ in cfg.train.validation_seeds]
     seeds = [s for _ in cfg.train.validation_prompts for s in cfg.train.validation_seeds]
-    images = sample(
+    images = sample_run(
+        cfg,
         c,
         prompts,
         seeds,
-        steps=cfg.train.validation_steps,
-        guidance_scale=cfg.train.guidance_scale,
-        resolution=cfg.data.resolution,
-        num_frames=cfg.data.num_frames,
+        cfg.train.validation_steps,
+        cfg.train.guidance_scale,
+        cfg.data.resolution,
         progress=False,
     )
     for k, m in c.modules().items():
@@ -248,6 +296,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from tsm.data import LatentCache, load_dataset
 
     tc = cfg.train
+    if tc.method == "distill":
+        from tsm.recipes.distill import run
+
+        return run(cfg, resume)
+    if tc.method == "glance":
+        from tsm.recipes.glance import run
+
+        return run(cfg, resume)
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = acc.num_processes, acc.process_index
     micro = tc.batch_size // tc.grad_accum
@@ -359,7 +415,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             validation_grid(cfg, c, run / "samples" / f"step_{step + 1:07d}.png")
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
             if acc.is_main_process:
-                last_good = write_checkpoint(run, step + 1, c, opt, {"history": history}, tc.keep_last)
+                last_good = write_checkpoint(
+                    run,
+                    step + 1,
+                    lambda d: save_training_state(c, opt, d),
+                    {"history": history},
+                    tc.keep_last,
+                )
                 plot_loss(history, run / "loss.png")
             acc.wait_for_everyone()
     bar.close()
@@ -418,12 +480,17 @@ def micro_step(
     return (draws["weights"].to(device) * per_sample).sum(), per_sample.detach().sum()
 
 
-def encode_latents(c: Components, batch: dict, cache: Any, gens: list[torch.Generator]) -> torch.Tensor:
-    """Scaled VAE latents, drawn from the posterior whose mean and std are cached per image."""
+def encode_latents(
+    c: Components, batch: dict, cache: Any, gens: list[torch.Generator] | None
+) -> torch.Tensor:
+    """Scaled VAE latents, drawn from the posterior whose mean and std are cached per image (``gens=None``:
+    the posterior mean)."""
     from tsm.data import cached_latent_dist
 
     encode = lambda pixels: c.family.latent_dist(c, pixels.to(c.vae.device))  # noqa: E731
     mean, std = cached_latent_dist(encode, batch["pixels"], batch["keys"], cache)
+    if gens is None:
+        return c.family.scale_latents(c, mean)
     z = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
     return c.family.scale_latents(c, z)
 
