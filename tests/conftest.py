@@ -127,7 +127,44 @@ def tiny_wan():
     )
 
 
-def tiny_vae(latent_channels: int = 4):
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    _seeded()
+    # FLUX.1-dev-like: one double-stream and one single-stream block and a guidance embedding. Tokens are
+    # 2x2 patches of 4 latent channels (16 features); joint_attention_dim is the T5 width, pooled the CLIP one.
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+
+
+def tiny_qwen_transformer():
+    from diffusers import QwenImageTransformer2DModel
+
+    _seeded()
+    # 2x2 patches of 4 latent channels in, 4 channels per pixel out; joint_attention_dim: the Qwen2.5-VL width
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    )
+
+
+def tiny_vae(latent_channels: int = 4, **config):
     from diffusers import AutoencoderKL
 
     _seeded()
@@ -140,6 +177,30 @@ def tiny_vae(latent_channels: int = 4):
         latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=16,
+        **config,
+    )
+
+
+def tiny_flux_vae():
+    """As FLUX.1's VAE: a shift factor besides the scaling factor, no quant convs (x2 downsampling here)."""
+    return tiny_vae(
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False
+    )
+
+
+def tiny_qwen_vae():
+    """Qwen-Image's causal video VAE (x4 spatial downsampling here), with per-channel latent statistics."""
+    from diffusers import AutoencoderKLQwenImage
+
+    _seeded()
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
     )
 
 
@@ -184,6 +245,42 @@ def tiny_t5(seed: int = 0, d_model: int = 32):
     _seeded(seed)
     config = T5Config(vocab_size=1000, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
     return T5EncoderModel(config).eval()
+
+
+def tiny_qwen_text(seed: int = 0, vocab_size: int = 400):
+    """A Qwen2.5-VL text encoder (with its tiny vision tower, unused); token ids below ``vocab_size``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    _seeded(seed)
+    ids = dict(bos_token_id=0, eos_token_id=2, pad_token_id=0)  # <|endoftext|>, <|im_end|> in qwen_tokenizer
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": vocab_size,
+            **ids,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+        },
+        vocab_size=vocab_size,
+        # the vision tokens: the last ids, which the tokenizer never produces
+        vision_start_token_id=vocab_size - 4,
+        vision_end_token_id=vocab_size - 3,
+        image_token_id=vocab_size - 2,
+        video_token_id=vocab_size - 1,
+        **ids,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Tiny random models written in diffusers layout (save_pretrained), for the from_pretrained code paths.
 
 ``write_tiny_model("sd15", path)`` writes unet/, vae/, text_encoder/, tokenizer/, scheduler/ and a
-model_index.json, as a user's SD1.5 folder would be laid out; likewise pixart, sd3 and video3d.
+model_index.json, as a user's SD1.5 folder would be laid out; likewise pixart, sd3, video3d, flux and qwen.
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from pathlib import Path
 from conftest import (
     tiny_clip_text,
     tiny_clip_text_with_projection,
+    tiny_flux,
+    tiny_flux_vae,
     tiny_pixart,
+    tiny_qwen_text,
+    tiny_qwen_transformer,
+    tiny_qwen_vae,
     tiny_sd3,
     tiny_t5,
     tiny_unet2d,
@@ -42,6 +47,40 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=16)
 
 
+def qwen_tokenizer():
+    """A byte-level BPE Qwen2Tokenizer trained on Qwen-Image's prompt template: every template word is one token,
+    as in the real vocabulary (so the template prefix is the 34 tokens the pipeline drops); other words fall
+    back to bytes. Special tokens <|endoftext|>, <|im_start|>, <|im_end|> are ids 0, 1, 2; < 400 ids in all."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from tsm.families import Qwen
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(  # Qwen2Tokenizer's own pre-tokenizer
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,  # more than the template needs: training stops when every word is one token
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([Qwen.prompt_template.format("a cat")], trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return Qwen2Tokenizer(
+        vocab=model["vocab"], merges=merges, additional_special_tokens=special[1:], model_max_length=64
+    )
+
+
 def _scheduler_ddpm():
     from diffusers import DDPMScheduler
 
@@ -56,6 +95,8 @@ def write_tiny_model(family: str, path: str | Path) -> Path:
 
     path = Path(path)
     parts: dict[str, object] = {"vae": tiny_vae()}
+    # FLUX.1-dev's and Qwen-Image's scheduler configs: sigmas shifted by mu from the image token count
+    resolution_shift = dict(use_dynamic_shifting=True, base_shift=0.5, base_image_seq_len=256)
     if family == "sd15":
         parts.update(unet=tiny_unet2d(), text_encoder=tiny_clip_text(), tokenizer=clip_tokenizer())
         parts["scheduler"] = _scheduler_ddpm()
@@ -75,6 +116,28 @@ def write_tiny_model(family: str, path: str | Path) -> Path:
             tokenizer_2=clip_tokenizer(),
             tokenizer_3=t5_tokenizer(),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        )
+    elif family == "flux":
+        parts.update(
+            transformer=tiny_flux(),  # joint_attention_dim 32 = the T5 width, pooled_projection_dim the CLIP one
+            vae=tiny_flux_vae(),
+            text_encoder=tiny_clip_text(0),
+            text_encoder_2=tiny_t5(1),
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=t5_tokenizer(),
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                shift=3.0, max_shift=1.15, max_image_seq_len=4096, **resolution_shift
+            ),
+        )
+    elif family == "qwen":
+        parts.update(
+            transformer=tiny_qwen_transformer(),
+            vae=tiny_qwen_vae(),
+            text_encoder=tiny_qwen_text(),
+            tokenizer=qwen_tokenizer(),
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                shift=1.0, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02, **resolution_shift
+            ),
         )
     else:
         raise ValueError(family)

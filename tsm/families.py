@@ -9,6 +9,12 @@ sampler are shared.
     pixart   PixArtTransformer2DModel + T5                 epsilon (DDPM), learned sigma dropped
     sd3      SD3Transformer2DModel (MM-DiT) + 2 CLIP + T5  flow matching
     video3d  UNet3DConditionModel (VideoCrafter2-style) + CLIP, latents (B, C, F, h, w)
+    flux     FluxTransformer2DModel + CLIP (pooled) + T5   flow matching, resolution shift, guidance embedding
+    qwen     QwenImageTransformer2DModel + Qwen2.5-VL      flow matching, resolution shift, Qwen-Image VAE
+
+The shared training loop and samplers see latents (B, C, h, w) and t in [0, T]. Flux and Qwen-Image take
+2x2 patches packed into tokens and t / 1000: their ``denoise`` packs, rescales and unpacks, as their
+diffusers pipelines do.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,11 +81,13 @@ class Family:
     denoiser_class = ""
     text_subfolders: tuple[str, ...] = ("text_encoder",)
     text_class = "CLIPTextModel"
+    vae_class = "AutoencoderKL"  # a diffusers class name
     default_targets: list[str] = ATTN
     default_text_targets: list[str] = ["q_proj", "v_proj"]
     video = False
     max_text_length = 77
-    timestep_scale = 1.0  # the denoiser's `timestep` argument times this is t in [0, T] (1000 for t in [0, 1])
+    # the denoiser's `timestep` argument times this is t in [0, T] (1000 for t in [0, 1])
+    timestep_scale = 1.0
 
     @property
     def text_expert_subfolders(self) -> tuple[str, ...]:
@@ -95,7 +104,7 @@ class Family:
         if not Path(path).exists() and Path(path).is_absolute():
             raise TsmError(f"model folder {path} does not exist")
         denoiser = _load(getattr(diffusers, self.denoiser_class), path, self.denoiser_subfolder, revision)
-        vae = _load(diffusers.AutoencoderKL, path, "vae", revision)
+        vae = _load(getattr(diffusers, self.vae_class), path, "vae", revision)
         encoders, tokenizers = {}, {}
         for i, sub in enumerate(self.text_subfolders):
             cls = self.text_class_of(i)
@@ -226,9 +235,22 @@ class PixArt(Family):
         return out
 
 
-class SD3(Family):
-    name = "sd3"
+class FlowFamily(Family):
+    """Rectified-flow transformers: FlowMatchEulerDiscreteScheduler for sampling, t = sigma * 1000."""
+
     denoiser_subfolder = "transformer"
+
+    def sampling_scheduler(self, path: str, revision: str | None) -> Any:
+        import diffusers
+
+        return _load(diffusers.FlowMatchEulerDiscreteScheduler, path, "scheduler", revision)
+
+    def objective(self, scheduler_config: Any, prediction_type: str | None) -> FlowMatchingObjective:
+        return FlowMatchingObjective(1000)
+
+
+class SD3(FlowFamily):
+    name = "sd3"
     denoiser_class = "SD3Transformer2DModel"
     text_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_text_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -238,14 +260,6 @@ class SD3(Family):
 
     def text_class_of(self, i: int) -> str:
         return "T5EncoderModel" if i == 2 else "CLIPTextModelWithProjection"
-
-    def sampling_scheduler(self, path: str, revision: str | None) -> Any:
-        import diffusers
-
-        return _load(diffusers.FlowMatchEulerDiscreteScheduler, path, "scheduler", revision)
-
-    def objective(self, scheduler_config: Any, prediction_type: str | None) -> FlowMatchingObjective:
-        return FlowMatchingObjective(1000)
 
     def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         hidden, pooled = [], []
@@ -275,7 +289,208 @@ class SD3(Family):
         return c.denoiser(hidden_states=x, timestep=t, **cond).sample
 
 
-FAMILY_CLASSES: dict[str, type[Family]] = {"sd15": SD15, "pixart": PixArt, "sd3": SD3, "video3d": Video3D}
+# ---------------------------------------------------------------------------------------------------------
+# packed-token flow transformers: FLUX.1 and Qwen-Image
+# ---------------------------------------------------------------------------------------------------------
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens, the pipelines' ``_pack_latents``."""
+    b, ch, h, w = x.shape
+    x = x.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+    return x.reshape(b, (h // 2) * (w // 2), ch * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w): the inverse of `pack_latents`."""
+    b, _, ch4 = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, ch4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    return x.reshape(b, ch4 // 4, h, w)
+
+
+def calculate_shift(
+    image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float
+) -> float:
+    """mu for resolution-dependent shifting: linear in the image token count (the Flux/QwenImage pipelines')."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+class PackedFlowFamily(FlowFamily):
+    """Transformers fed 2x2-packed latent tokens and t / 1000, with sigmas shifted by the image token count."""
+
+    default_text_targets: list[str] = []  # Glance and the paper's recipes tune only the transformer
+    timestep_scale = 1000.0  # the transformer gets t / 1000: experts route on t in [0, 1000]
+
+    def vae_factor(self, c: Components) -> int:
+        return 2 ** (len(c.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, c: Components, resolution: int, num_frames: int) -> tuple[int, ...]:
+        factor = self.vae_factor(c)
+        if resolution % (2 * factor):
+            raise TsmError(
+                f"{self.name} needs a resolution divisible by {2 * factor} (2x2 latent patches), got {resolution}"
+            )
+        return (self.latent_channels(c), resolution // factor, resolution // factor)
+
+    def latent_channels(self, c: Components) -> int:
+        return c.vae.config.latent_channels
+
+    def set_timesteps(
+        self, c: Components, steps: int, resolution: int, device: torch.device | str | None = None
+    ) -> None:
+        """Sigmas 1 .. 1/steps, shifted by mu from the image token count, as the diffusers pipelines set them."""
+        config = c.scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        mu = None
+        if config.get("use_dynamic_shifting"):
+            tokens = (self.latent_shape(c, resolution, 1)[-1] // 2) ** 2
+            mu = calculate_shift(
+                tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+        if sigmas is None:
+            c.scheduler.set_timesteps(steps, device=device, mu=mu)
+        else:
+            c.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+
+
+class Flux(PackedFlowFamily):
+    """FLUX.1: CLIP's pooled output and T5's tokens; FLUX.1-dev also embeds a guidance scale (distilled CFG)."""
+
+    name = "flux"
+    denoiser_class = "FluxTransformer2DModel"
+    # default_targets (to_q, to_k, to_v, to_out.0): the attention of the double-stream blocks, and to_q, to_k,
+    # to_v of the single-stream ones, whose output projection (proj_out) is shared with their MLP
+    text_subfolders = ("text_encoder", "text_encoder_2")
+    max_t5_length = 512
+    guidance = 3.5  # the embedded guidance of guidance-distilled checkpoints (FluxPipeline's default)
+
+    def text_class_of(self, i: int) -> str:
+        return "T5EncoderModel" if i == 1 else "CLIPTextModel"
+
+    def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        clip = c.text_encoders["text_encoder"]
+        ids, _ = self._tokens(c.tokenizers["tokenizer"], captions, clip.device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output  # (B, d_clip)
+        t5 = c.text_encoders["text_encoder_2"]
+        tok = c.tokenizers["tokenizer_2"]
+        max_length = min(tok.model_max_length, self.max_t5_length)
+        ids = tok(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        hidden = t5(ids.input_ids.to(t5.device), output_hidden_states=False)[0]  # (B, L, d_t5)
+        cond = {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+        if c.denoiser.config.guidance_embeds:
+            cond["guidance"] = torch.full((len(captions),), self.guidance, device=hidden.device)
+        return cond
+
+    def denoise(
+        self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        b, _, h, w = x.shape
+        img_ids = torch.zeros(h // 2, w // 2, 3)  # (row, column) positions of the tokens for RoPE
+        img_ids[..., 1] += torch.arange(h // 2)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3)
+        out = c.denoiser(
+            hidden_states=pack_latents(x),
+            timestep=t.float().expand(b) / 1000,  # float32 whatever x is: routing reads it
+            img_ids=img_ids.reshape(-1, 3).to(x.device, x.dtype),
+            txt_ids=txt_ids.to(x.device, x.dtype),
+            return_dict=False,
+            **cond,
+        )[0]  # (B, h/2 * w/2, 4C)
+        return unpack_latents(out, h, w)
+
+
+class Qwen(PackedFlowFamily):
+    """Qwen-Image: Qwen2.5-VL's last hidden states after a fixed system prompt; a video-style VAE (B, C, 1, H, W).
+
+    The prompt tokens are zero-padded to ``max_text_length`` with a mask (``encoder_hidden_states_mask``), so
+    conditionings of different prompts concatenate (classifier-free guidance); masked padding does not change
+    the output.
+    """
+
+    name = "qwen"
+    denoiser_class = "QwenImageTransformer2DModel"
+    text_class = "Qwen2_5_VLForConditionalGeneration"
+    vae_class = "AutoencoderKLQwenImage"
+    max_text_length = 512  # text tokens after the template (QwenImagePipeline's max_sequence_length)
+    prompt_template = (
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+        "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    prompt_template_start = 34  # tokens of the template before the prompt, dropped from the embeddings
+
+    def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoder, tok = c.text_encoders["text_encoder"], c.tokenizers["tokenizer"]
+        drop = self.prompt_template_start
+        length = min(self.max_text_length, tok.model_max_length - drop)
+        enc = tok(
+            [self.prompt_template.format(p) for p in captions],
+            max_length=length + drop,
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+        ).to(encoder.device)
+        out = encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # (B, L, d)
+        embeds = hidden.new_zeros(len(captions), length, hidden.shape[-1])  # (B, length, d)
+        mask = torch.zeros(len(captions), length, dtype=torch.long, device=hidden.device)
+        for i, (h, m) in enumerate(zip(hidden, enc.attention_mask.bool(), strict=True)):
+            tokens = h[m][drop:]  # this prompt's tokens, the template prefix dropped
+            embeds[i, : len(tokens)] = tokens
+            mask[i, : len(tokens)] = 1
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+    def denoise(
+        self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        b, _, h, w = x.shape
+        out = c.denoiser(
+            hidden_states=pack_latents(x),
+            timestep=t.float().expand(b) / 1000,  # float32 whatever x is: routing reads it
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+            **cond,
+        )[0]  # (B, h/2 * w/2, 4C)
+        return unpack_latents(out, h, w)
+
+    # --- latents: the VAE works on (B, C, F, H, W) with one frame; per-channel mean/std normalisation ----------
+    def vae_factor(self, c: Components) -> int:
+        return 2 ** len(c.vae.config.temperal_downsample)
+
+    def latent_channels(self, c: Components) -> int:
+        return c.vae.config.z_dim
+
+    def _stats(self, c: Components, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(c.vae.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(c.vae.config.latents_std).view(1, -1, 1, 1)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    def latent_dist(self, c: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = c.vae.encode(pixels[:, :, None].to(c.vae.dtype)).latent_dist
+        return dist.mean[:, :, 0], dist.std[:, :, 0]  # (B, C, h, w) each
+
+    def scale_latents(self, c: Components, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(c, z)
+        return (z - mean) / std
+
+    def decode(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(c, latents)
+        z = (latents * std + mean)[:, :, None]  # (B, C, 1, h, w)
+        return c.vae.decode(z.to(c.vae.dtype)).sample[:, :, 0].clamp(-1, 1)
+
+
+FAMILY_CLASSES: dict[str, type[Family]] = {
+    "sd15": SD15,
+    "pixart": PixArt,
+    "sd3": SD3,
+    "video3d": Video3D,
+    "flux": Flux,
+    "qwen": Qwen,
+}
 
 
 def get_family(name: str) -> Family:
