@@ -6,7 +6,7 @@ from torch import nn
 
 from tsm.families import Components, Family
 from tsm.objectives import DDPMObjective, FlowMatchingObjective
-from tsm.sampling import glance_schedule, sample_timesteps_list
+from tsm.sampling import glance_schedule, sample_timesteps_list, step_to
 
 
 class Recorder(Family):
@@ -47,11 +47,40 @@ def test_ddim_steps_follow_the_prediction_exactly():
     """With eps predicted as 0 the clean image is x_t / sqrt(a_t): each listed step must land on it exactly."""
     from diffusers import DDPMScheduler
 
-    objective = DDPMObjective.from_scheduler(DDPMScheduler())
+    objective = DDPMObjective.from_scheduler(DDPMScheduler(clip_sample=False))
+    assert objective.clip_sample is None
     c = components(Recorder(0.0), objective)
     out = sample_timesteps_list(c, ["a"], [3], [999, 500, 100])
     x = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(3))
     assert torch.allclose(out, x / objective.alphas_cumprod[999].sqrt().float(), rtol=1e-5)
+
+
+def test_x0_is_clipped_as_the_scheduler_clips_it_with_a_straight_through_gradient():
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=1.0)
+    objective = DDPMObjective.from_scheduler(sched)
+    assert objective.clip_sample == 1.0
+    x = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    pred = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    t = torch.tensor([999, 400])
+    x0, eps = objective.split(pred, x, t)
+    a, b = (
+        objective.alphas_cumprod[t].sqrt().float().view(-1, 1, 1, 1),
+        (1 - objective.alphas_cumprod[t]).sqrt().float().view(-1, 1, 1, 1),
+    )
+    raw = (x - b * pred) / a
+    assert raw[0].abs().max() > 100  # near t = T an epsilon model's x0 blows up ...
+    assert torch.equal(x0.detach(), raw.detach().clamp(-1, 1))  # ... and is clipped, as DDIM does
+    assert torch.equal(eps, pred)
+    x0.sum().backward()  # straight through: d x0 / d pred = -b / a everywhere, clipped or not
+    torch.testing.assert_close(pred.grad, (-b / a).expand_as(x))
+    # DDIM's own step lands where the clipped x0 (and the unclipped eps) say
+    sched.set_timesteps(2)
+    t0, t1 = int(sched.timesteps[0]), int(sched.timesteps[1])
+    want = sched.step(pred.detach(), t0, x).prev_sample
+    got = step_to(objective, pred.detach(), x, torch.full((2,), t0), t1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])

@@ -37,6 +37,7 @@ class DDPMObjective:
         alphas_cumprod: torch.Tensor,
         prediction_type: str = "epsilon",
         min_snr_gamma: float | None = None,
+        clip_sample: float | None = None,
     ) -> None:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise TsmError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -44,13 +45,16 @@ class DDPMObjective:
         self.num_timesteps = len(alphas_cumprod)
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
+        self.clip_sample = clip_sample  # |x0| bound of `split`, as the scheduler's clip_sample (None: off)
 
     @classmethod
     def from_scheduler(cls, scheduler: object, min_snr_gamma: float | None = None) -> DDPMObjective:
-        """Use a diffusers DDPM/DDIM-style scheduler's ``alphas_cumprod`` and ``prediction_type``."""
+        """Use a diffusers DDPM/DDIM-style scheduler's ``alphas_cumprod``, ``prediction_type`` and x0 clipping."""
         if not hasattr(scheduler, "alphas_cumprod"):
             raise TsmError(f"{type(scheduler).__name__} has no alphas_cumprod; use FlowMatchingObjective")
-        return cls(scheduler.alphas_cumprod, scheduler.config.prediction_type, min_snr_gamma)
+        cfg = scheduler.config
+        clip = cfg.get("clip_sample_range", 1.0) if cfg.get("clip_sample", False) else None
+        return cls(scheduler.alphas_cumprod, cfg.prediction_type, min_snr_gamma, clip)
 
     def sample_t(
         self,
@@ -83,12 +87,23 @@ class DDPMObjective:
     def split(
         self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) implied by the model's prediction at x_t: what the explicit-timestep samplers step with."""
+        """(x0, eps) implied by the model's prediction at x_t: what the explicit-timestep samplers step with.
+
+        With ``clip_sample`` x0 is clipped as the scheduler clips it (DDIM keeps the unclipped eps). Near
+        t = T an epsilon model's x0 = (x - b eps) / a divides by a -> 0 (5e-5 at t = 999 for the cosine
+        schedule), so without the clip a one-step x0 there is noise amplified 10^4 times. The clip is
+        straight-through: its gradient is the identity, so a generator trained on x0 still gets a gradient
+        where it overshoots.
+        """
         a, b = self._ab(t, x)
         pred = pred.to(x.dtype)
         if self.prediction_type == "epsilon":
-            return (x - b * pred) / a, pred
-        return a * x - b * pred, b * x + a * pred  # from v = a eps - b x0
+            x0, eps = (x - b * pred) / a, pred
+        else:
+            x0, eps = a * x - b * pred, b * x + a * pred  # from v = a eps - b x0
+        if self.clip_sample is not None:
+            x0 = x0 + (x0.clamp(-self.clip_sample, self.clip_sample) - x0).detach()
+        return x0, eps
 
     def loss(
         self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor

@@ -72,7 +72,7 @@ class DigitsFamily(Family):
         for m in (unet, text):
             m.requires_grad_(False)
             m.eval()
-        objective = DDPMObjective(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+        objective = DDPMObjective.from_scheduler(scheduler)  # with its x0 clipping, as DDIM samples
         return Components(
             self, unet, {"text_encoder": text}, {}, nn.Identity(), scheduler, objective, str(path)
         )
