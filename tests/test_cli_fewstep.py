@@ -237,3 +237,19 @@ def test_shipped_configs_parse_and_the_sd15_distill_config_runs(assets, tmp_path
     for kind in ("to_q", "proj_in", "ff.net.2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"):
         assert any(n.endswith(kind) for n in names), kind
     assert any(n.endswith("time_emb_proj") for n in names)
+
+
+@pytest.mark.parametrize("name", ["digits_distill", "digits_glance"])
+def test_digits_configs_run_on_the_builtin_model(name, tmp_path, capsys):
+    from tsm.bench.digits_data import write_folder
+
+    data = write_folder(tmp_path / "data", n=8)
+    assert sorted(p.read_text().split()[0] for p in data.glob("*.txt")) == ["digit"] * 8
+    config = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    code, err = run_cli(
+        capsys, "train", config, f"data.path={data}", "train.steps=2", "train.assemble_steps=1",
+        "train.batch_size=2", f"train.output_dir={tmp_path / 'run'}", "distill.fake_updates=1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert tsm.io.read_metadata(tmp_path / "run" / "unet.safetensors")["tsm_stage"] == "assemble"
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()

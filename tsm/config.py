@@ -19,14 +19,14 @@ import yaml
 
 from tsm.errors import TsmError
 
-FAMILIES = ("sd15", "pixart", "sd3", "video3d", "flux", "qwen")
+FAMILIES = ("sd15", "pixart", "sd3", "video3d", "flux", "qwen", "digits")
 METHODS = ("lora", "foster", "assemble", "distill", "glance")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "sd15"  # sd15 | pixart | sd3 | video3d | flux | qwen
-    path: str = ""  # hub id or local folder in diffusers layout (model_index.json + subfolders)
+    family: str = "sd15"  # sd15 | pixart | sd3 | video3d | flux | qwen | digits (the benchmark model)
+    path: str = ""  # hub id or local folder in diffusers layout (model_index.json + subfolders); digits: "" = built-in
     revision: str | None = None  # hub revision
     prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction); flow for sd3
 

@@ -138,8 +138,8 @@ class Family:
     ) -> DDPMObjective | FlowMatchingObjective:
         from diffusers import DDPMScheduler
 
-        sched = DDPMScheduler.from_config(scheduler_config)
-        return DDPMObjective(sched.alphas_cumprod, prediction_type or sched.config.prediction_type)
+        override = {"prediction_type": prediction_type} if prediction_type else {}
+        return DDPMObjective.from_scheduler(DDPMScheduler.from_config(scheduler_config, **override))
 
     # --- text --------------------------------------------------------------------------------------
     def _tokens(
@@ -494,6 +494,10 @@ FAMILY_CLASSES: dict[str, type[Family]] = {
 
 
 def get_family(name: str) -> Family:
+    if name == "digits":  # the digits benchmark's pixel-space model (tsm.bench), for configs/digits_*.yaml
+        from tsm.bench.digits_model import DigitsFamily
+
+        return DigitsFamily()
     if name not in FAMILY_CLASSES:
         raise TsmError(f"unknown model family {name!r}; choose one of {', '.join(FAMILY_CLASSES)}")
     return FAMILY_CLASSES[name]()

@@ -92,8 +92,8 @@ class Routing:
         t = torch.as_tensor(t).detach().reshape(-1)
         device = t.device
         t = t.cpu()  # B values: route on the host, then copy once (no per-layer or per-scale device syncs)
-        if spec.timestep_scale != 1.0:
-            t = t.double() * spec.timestep_scale
+        if spec.timestep_scale != 1.0:  # rounded: float32 0.7 * 1000 = 699.99998 must route as 700
+            t = (t.double() * spec.timestep_scale * 1e4).round() / 1e4
         if t.numel() == 1 and batch_size is not None:
             t = t.expand(batch_size)
         elif batch_size is not None and t.numel() != batch_size:

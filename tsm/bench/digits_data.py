@@ -9,6 +9,8 @@ and the word-level vocabulary of the benchmark's tiny text encoder.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -191,3 +193,36 @@ def detokenize(ids: torch.Tensor) -> list[str]:
     """The prompts of token ids from `tokenize` (special tokens dropped)."""
     special = {TOKEN_ID[PAD], TOKEN_ID[BOS], TOKEN_ID[EOS]}
     return [" ".join(VOCAB[i] for i in row if i not in special) for row in ids.tolist()]
+
+
+def write_folder(root: str | Path, task: str = "post", n: int = 256, seed: int = 0) -> Path:
+    """Write ``n`` training-split images of ``task`` (post: a colour on black, "digit 3"; domain: the
+    attribute-binding target, "red 3 on blue") as 8x8 PNGs with .txt captions: data for `tsm train`
+    with ``model.family: digits`` (configs/digits_*.yaml)."""
+    from PIL import Image
+
+    images, labels = load_digit_split("train")
+    g = torch.Generator().manual_seed(seed)
+    if task == "domain":
+        pixels, prompts = make_target_batch(images, labels, target_combos("train"), n, g)
+    else:
+        pixels, prompts = make_source_batch(images, labels, n, g)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (image, prompt) in enumerate(zip(rgb, prompts, strict=True)):
+        Image.fromarray(image).save(root / f"{task}_{i:04d}.png")
+        (root / f"{task}_{i:04d}.txt").write_text(prompt + "\n")
+    return root
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="write digits-benchmark training images with captions")
+    p.add_argument("out")
+    p.add_argument("--task", choices=["post", "domain"], default="post")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    print(write_folder(args.out, args.task, args.n, args.seed))

@@ -66,6 +66,7 @@ class DigitsFamily(Family):
         from diffusers import DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
+        path = str(path or BASE_DIR)  # "": the shipped base model
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")

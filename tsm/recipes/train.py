@@ -487,7 +487,8 @@ def encode_latents(
     the posterior mean)."""
     from tsm.data import cached_latent_dist
 
-    encode = lambda pixels: c.family.latent_dist(c, pixels.to(c.vae.device))  # noqa: E731
+    device = getattr(c.vae, "device", "cpu")  # (the digits model has no VAE: an nn.Identity)
+    encode = lambda pixels: c.family.latent_dist(c, pixels.to(device))  # noqa: E731
     mean, std = cached_latent_dist(encode, batch["pixels"], batch["keys"], cache)
     if gens is None:
         return c.family.scale_latents(c, mean)
