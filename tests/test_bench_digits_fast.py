@@ -15,7 +15,7 @@ def test_few_step_rows_at_a_toy_budget(tmp_path):
     names = [r["name"] for r in result["distill"]] + [r["name"] for r in result["glance"]]
     assert "4-step TSM 2-stage" in names and "Glance + router, 10 pairs" in names
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(saved["distill"]) == 5 and len(saved["glance"]) == 7
+    assert len(saved["distill"]) == 6 and len(saved["glance"]) == 7
     md = (tmp_path / "out" / "results.md").read_text()
     assert "÷ teacher (first row)" in md and all(n in md for n in names)
     assert all(r["sample_seconds"] > 0 and r["fid"] == r["fid"] for r in saved["distill"] + saved["glance"])

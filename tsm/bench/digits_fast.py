@@ -5,7 +5,7 @@
 Distillation (TSM section 4.3, DMD2-style): the 50-step teacher against 4-step students at timesteps
 999/749/499/249 -- plain LoRA (one expert for every step), TSM 1-stage (one expert per step, scales (4,)),
 TSM 2-stage (scales (4, 1): the per-step cores plus a routed full-range context expert) -- all with the
-same number of generator updates.
+same number of generator updates -- and plain LoRA at rank 16, the parameters of the four rank-4 experts.
 
 Glance (arXiv 2512.02899): the teacher at 50 steps and at 10 uniform steps against Glance's 10 uneven
 steps with slow/fast phase experts, and Glance + router (a full-range context expert), each trained on 1
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,7 @@ def _score(c: Any, sampler: Any, name: str, out: Path, net: Any, per_prompt: int
     t0 = time.perf_counter()
     images = sampler(c, prompts, seeds)
     seconds = time.perf_counter() - t0
-    path = (
-        out / "eval_images" / f"fast__{name.lower().replace(' ', '_').replace(',', '').replace('+', 'p')}.png"
-    )
+    path = out / "eval_images" / f"fast__{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid([to_pil(x) for x in images], columns=32, pad=0).save(path)
     images = read_eval_png(path, len(prompts))
@@ -98,10 +97,11 @@ def distill_rows(
             per_prompt,
         )
     )
-    for name, scales, assemble in (
-        ("4-step plain LoRA", (1,), False),
-        ("4-step TSM 1-stage", (4,), False),
-        ("4-step TSM 2-stage", (4, 1), True),
+    for name, scales, rank, assemble in (
+        ("4-step plain LoRA r=4", (1,), 4, False),
+        ("4-step plain LoRA r=16 (TSM 1-stage's parameters)", (1,), 16, False),
+        ("4-step TSM 1-stage", (4,), 4, False),
+        ("4-step TSM 2-stage", (4, 1), 4, True),
     ):
         c = DigitsFamily().load(str(base))
         torch.manual_seed(0)
@@ -109,7 +109,7 @@ def distill_rows(
             c.denoiser,
             distill_spec(rank=4, targets=ATTN)
             if scales == (4,)
-            else tsm.ExpertSpec(scales=scales, rank=4, targets=ATTN),
+            else tsm.ExpertSpec(scales=scales, rank=rank, targets=ATTN),
         )
         # lr chosen on a validation set (train-split digits, other seeds), not on this table's test set
         d = Distiller(c, lr=2e-4, fake_lr=1e-3, guidance=guidance, fake_updates=3, resolution=8)
@@ -118,7 +118,6 @@ def distill_rows(
         for _ in range(updates):
             d.step(train_batch("post", batch, g)[1], g)
         if assemble:  # freeze the fostered experts; the routers learn with the same objective
-            tsm.set_stage(c.denoiser, "assemble")
             d.assemble()
             for _ in range(updates // 2):
                 d.step(train_batch("post", batch, g)[1], g)
