@@ -163,6 +163,10 @@ class Family:
     ) -> torch.Tensor:
         return c.denoiser(x, t, **cond).sample
 
+    def guide(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance (Ho & Salimans 2022): the model's pipelines may combine differently."""
+        return pred_uncond + scale * (pred_cond - pred_uncond)
+
     # --- latents ---------------------------------------------------------------------------------------
     def latent_dist(self, c: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE posterior of images (B, 3, H, W), or of clips (B, 3, F, H, W) per frame."""
@@ -458,6 +462,14 @@ class Qwen(PackedFlowFamily):
         return unpack_latents(out, h, w)
 
     # --- latents: the VAE works on (B, C, F, H, W) with one frame; per-channel mean/std normalisation ----------
+    def guide(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """QwenImagePipeline's true CFG: the guided velocity rescaled, per token, to the conditional one's norm."""
+        h, w = pred_cond.shape[-2:]
+        u, v = pack_latents(pred_uncond), pack_latents(pred_cond)  # (B, L, 4C): a token is a 2x2 patch
+        guided = u + scale * (v - u)
+        guided = guided * (v.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+        return unpack_latents(guided, h, w)
+
     def vae_factor(self, c: Components) -> int:
         return 2 ** len(c.vae.config.temperal_downsample)
 

@@ -84,7 +84,7 @@ def sample(
         if cfg:  # one batch of [uncond; cond], as the diffusers pipelines do
             kw = {k: torch.cat([uncond(t)[k], v]) for k, v in cond(t).items()}
             pred_u, pred_c = family.denoise(c, torch.cat([x, x]), torch.cat([tt, tt]), kw).chunk(2)
-            pred = pred_u + guidance_scale * (pred_c - pred_u)
+            pred = family.guide(pred_u, pred_c, guidance_scale)
         else:
             pred = family.denoise(c, x, tt, cond(t))
         latents = scheduler.step(pred, t, latents).prev_sample
@@ -154,7 +154,7 @@ def sample_timesteps_list(
         if uncond is not None:
             kw = {k: torch.cat([uncond(t_now)[k], v]) for k, v in cond(t_now).items()}
             pred_u, pred_c = family.denoise(c, torch.cat([x, x]), torch.cat([t, t]), kw).chunk(2)
-            pred = pred_u + guidance_scale * (pred_c - pred_u)
+            pred = family.guide(pred_u, pred_c, guidance_scale)
         else:
             pred = family.denoise(c, x, t, cond(t_now))
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if renoise else None

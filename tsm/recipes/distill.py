@@ -194,7 +194,7 @@ class Distiller:
         with torch.no_grad(), tsm.experts_off(c.denoiser):
             both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
             pu, pc = c.family.denoise(c, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            return c.objective.split(pu + self.guidance * (pc - pu), x, t)[0]
+            return c.objective.split(c.family.guide(pu, pc, self.guidance), x, t)[0]
 
     def _noise_level(self, n: int, gen: torch.Generator) -> torch.Tensor:
         t = torch.randint(*self.t_range, (n,), generator=gen)
