@@ -253,3 +253,20 @@ def test_digits_configs_run_on_the_builtin_model(name, tmp_path, capsys):
     assert code == 0, err
     assert tsm.io.read_metadata(tmp_path / "run" / "unet.safetensors")["tsm_stage"] == "assemble"
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["distill", "glance"])
+def test_bf16_runs_keep_float32_adapters_and_fp16_is_refused(method, assets, tmp_path, capsys):
+    extra = (
+        {"glance": {"router": True}}
+        if method == "glance"
+        else {"distill": {"fake_rank": 2, "fake_updates": 1}}
+    )
+    train = {"method": method, "steps": 1, "assemble_steps": 1, "mixed_precision": "bf16"}
+    cfg = write_config(tmp_path / "bf16.yaml", "sd15", assets, train=train, **extra)
+    code, err = run_cli(capsys, "train", cfg)
+    assert code == 0, err
+    weights = load_file(tmp_path / "bf16" / "unet.safetensors")
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    code, err = run_cli(capsys, "train", cfg, "train.mixed_precision=fp16")
+    assert code == 2 and "bf16" in err

@@ -5,7 +5,7 @@
     tsm export runs/sd15_foster --scale 0 --index 3 --out expert.safetensors     (or --all --out DIR)
     tsm export runs/sd15_distill --timesteps 999 749 499 249 --out DIR    (one merged LoRA per step)
     tsm info runs/sd15_foster/unet.safetensors
-    tsm bench digits [--full]                         (or: tsm bench speed)
+    tsm bench digits [--full | --few-step]            (or: tsm bench speed)
 
 Bad input (a config typo, a missing folder, a corrupt or mismatched checkpoint) ends with one line on
 stderr and exit status 2, never a traceback.

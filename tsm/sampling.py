@@ -47,6 +47,12 @@ class PromptEncoder:
         return self.cache[key]
 
 
+def _denoise(c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The denoiser in its own dtype (a bf16 base under mixed precision); the sampler's state stays float32."""
+    dtype = next(c.denoiser.parameters()).dtype
+    return c.family.denoise(c, x.to(dtype), t, cond).float()
+
+
 @torch.no_grad()
 def sample(
     c: Components,
@@ -83,10 +89,10 @@ def sample(
         tt = t.to(device).expand(len(prompts))
         if cfg:  # one batch of [uncond; cond], as the diffusers pipelines do
             kw = {k: torch.cat([uncond(t)[k], v]) for k, v in cond(t).items()}
-            pred_u, pred_c = family.denoise(c, torch.cat([x, x]), torch.cat([tt, tt]), kw).chunk(2)
+            pred_u, pred_c = _denoise(c, torch.cat([x, x]), torch.cat([tt, tt]), kw).chunk(2)
             pred = family.guide(pred_u, pred_c, guidance_scale)
         else:
-            pred = family.denoise(c, x, tt, cond(t))
+            pred = _denoise(c, x, tt, cond(t))
         latents = scheduler.step(pred, t, latents).prev_sample
     return family.decode(c, latents).float().cpu()
 
@@ -153,10 +159,10 @@ def sample_timesteps_list(
         t = torch.full((len(prompts),), t_now, dtype=dtype, device=device)
         if uncond is not None:
             kw = {k: torch.cat([uncond(t_now)[k], v]) for k, v in cond(t_now).items()}
-            pred_u, pred_c = family.denoise(c, torch.cat([x, x]), torch.cat([t, t]), kw).chunk(2)
+            pred_u, pred_c = _denoise(c, torch.cat([x, x]), torch.cat([t, t]), kw).chunk(2)
             pred = family.guide(pred_u, pred_c, guidance_scale)
         else:
-            pred = family.denoise(c, x, t, cond(t_now))
+            pred = _denoise(c, x, t, cond(t_now))
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if renoise else None
         x = step_to(objective, pred, x, t, t_next, noise)
     return family.decode(c, x).float().cpu()

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -610,6 +611,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-per-prompt", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--base", default=None, help="base model folder (default: the shipped one)")
+    p.add_argument(
+        "--few-step",
+        action="store_true",
+        help="the few-step rows instead (distillation, Glance): tsm bench digits-fast, into OUT/fast",
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--few-step" in argv:  # every other option is digits-fast's own (see `tsm bench digits-fast --help`)
+        from tsm.bench.digits_fast import main as few_step
+
+        rest, out = [a for a in argv if a != "--few-step"], p.get_default("out")
+        if "--out" in rest:
+            i = rest.index("--out")
+            out, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
+        return few_step(["--out", str(Path(out) / "fast"), *rest])
     args = p.parse_args(argv)
     budget = Budget()
     if args.full:

@@ -33,7 +33,9 @@ from tsm.bench.digits_model import BASE_DIR, DigitsFamily
 PAPER_STEPS = (999, 749, 499, 249)
 
 
-def _score(c: Any, sampler: Any, name: str, out: Path, net: Any, per_prompt: int) -> dict:
+def _score(
+    c: Any, sampler: Any, name: str, out: Path, net: Any, per_prompt: int, seed: int | None = None
+) -> dict:
     """Sample the held-out source prompts with ``sampler``, write the PNG, score it read back; time it."""
     from tsm.bench.metrics import digit_accuracy, fid
     from tsm.images import make_grid, to_pil
@@ -42,7 +44,8 @@ def _score(c: Any, sampler: Any, name: str, out: Path, net: Any, per_prompt: int
     t0 = time.perf_counter()
     images = sampler(c, prompts, seeds)
     seconds = time.perf_counter() - t0
-    path = out / "eval_images" / f"fast__{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.png"
+    tag = name if seed is None else f"{name} seed {seed}"
+    path = out / "eval_images" / f"fast__{re.sub(r'[^a-z0-9]+', '_', tag.lower()).strip('_')}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid([to_pil(x) for x in images], columns=32, pad=0).save(path)
     images = read_eval_png(path, len(prompts))
@@ -52,6 +55,20 @@ def _score(c: Any, sampler: Any, name: str, out: Path, net: Any, per_prompt: int
         "digit_acc": digit_accuracy(net, images, [d for d, _, _ in combos]),
         "sample_seconds": seconds,
     }
+
+
+def _mean(runs: list[dict]) -> dict:
+    """One row from the same row trained with several seeds: means, and the std of FID and accuracy."""
+    row = dict(runs[0])
+    for key in ("fid", "digit_acc", "sample_seconds", "train_seconds", "generator_updates"):
+        if key in row:
+            values = torch.tensor([float(r[key]) for r in runs], dtype=torch.float64)
+            row[key] = float(values.mean())
+            if key in ("fid", "digit_acc"):
+                row[key + "_std"] = float(values.std()) if len(runs) > 1 else 0.0
+    row["seeds"] = len(runs)
+    row["per_seed"] = [{k: r[k] for k in ("fid", "digit_acc")} for r in runs]
+    return row
 
 
 def _teacher(steps: int, guidance: float) -> Any:
@@ -81,7 +98,15 @@ def teacher_row(base: Path, out: Path, net: Any, per_prompt: int, guidance: floa
 
 
 def distill_rows(
-    base: Path, out: Path, net: Any, updates: int, batch: int, per_prompt: int, guidance: float, teacher: dict
+    base: Path,
+    out: Path,
+    net: Any,
+    updates: int,
+    batch: int,
+    per_prompt: int,
+    guidance: float,
+    teacher: dict,
+    seeds: list[int] = (0,),
 ) -> list[dict]:
     from tsm.bench.digits import train_batch
     from tsm.recipes.distill import Distiller, distill_spec
@@ -97,40 +122,61 @@ def distill_rows(
             per_prompt,
         )
     )
+    rows.append(
+        _score(  # the generator before any training: the teacher on 999/749/499/249, re-noised
+            DigitsFamily().load(str(base)),
+            _listed(list(PAPER_STEPS), None, 1.0, renoise=True),
+            "4-step generator before training",
+            out,
+            net,
+            per_prompt,
+        )
+    )
     for name, scales, rank, assemble in (
         ("4-step plain LoRA r=4", (1,), 4, False),
         ("4-step plain LoRA r=16 (TSM 1-stage's parameters)", (1,), 16, False),
         ("4-step TSM 1-stage", (4,), 4, False),
         ("4-step TSM 2-stage", (4, 1), 4, True),
     ):
-        c = DigitsFamily().load(str(base))
-        torch.manual_seed(0)
-        tsm.add_experts(
-            c.denoiser,
-            distill_spec(rank=4, targets=ATTN)
-            if scales == (4,)
-            else tsm.ExpertSpec(scales=scales, rank=rank, targets=ATTN),
-        )
-        # lr chosen on a validation set (train-split digits, other seeds), not on this table's test set
-        d = Distiller(c, lr=2e-4, fake_lr=1e-3, guidance=guidance, fake_updates=3, resolution=8)
-        g = torch.Generator().manual_seed(0)
-        t0 = time.perf_counter()
-        for _ in range(updates):
-            d.step(train_batch("post", batch, g)[1], g)
-        if assemble:  # freeze the fostered experts; the routers learn with the same objective
-            d.assemble()
-            for _ in range(updates // 2):
+        runs = []
+        for seed in seeds:
+            c = DigitsFamily().load(str(base))
+            torch.manual_seed(seed)
+            tsm.add_experts(
+                c.denoiser,
+                distill_spec(rank=4, targets=ATTN)
+                if scales == (4,)
+                else tsm.ExpertSpec(scales=scales, rank=rank, targets=ATTN),
+            )
+            # lr chosen on a validation set (train-split digits, other seeds), not on this table's test set
+            d = Distiller(c, lr=2e-4, fake_lr=1e-3, guidance=guidance, fake_updates=3, resolution=8)
+            g = torch.Generator().manual_seed(seed)
+            t0 = time.perf_counter()
+            for _ in range(updates):
                 d.step(train_batch("post", batch, g)[1], g)
-        train_seconds = time.perf_counter() - t0
-        row = _score(c, _listed(list(PAPER_STEPS), None, 1.0, renoise=True), name, out, net, per_prompt)
-        row["train_seconds"] = train_seconds
-        row["generator_updates"] = updates + (updates // 2 if assemble else 0)
-        rows.append(row)
+            if assemble:  # freeze the fostered experts; the routers learn with the same objective
+                d.assemble()
+                for _ in range(updates // 2):
+                    d.step(train_batch("post", batch, g)[1], g)
+            train_seconds = time.perf_counter() - t0
+            sampler = _listed(list(PAPER_STEPS), None, 1.0, renoise=True)
+            row = _score(c, sampler, name, out, net, per_prompt, seed)
+            row["train_seconds"] = train_seconds
+            row["generator_updates"] = updates + (updates // 2 if assemble else 0)
+            runs.append(row)
+        rows.append(_mean(runs))
     return rows
 
 
 def glance_rows(
-    base: Path, out: Path, net: Any, steps: int, per_prompt: int, guidance: float, teacher: dict
+    base: Path,
+    out: Path,
+    net: Any,
+    steps: int,
+    per_prompt: int,
+    guidance: float,
+    teacher: dict,
+    seeds: list[int] = (0,),
 ) -> list[dict]:
     from tsm.bench.digits import train_batch
     from tsm.recipes.glance import glance_spec, glance_timesteps, train_glance
@@ -160,19 +206,25 @@ def glance_rows(
         )
     )
     for n_pairs in (1, 10):
-        pixels, prompts = train_batch("post", n_pairs, torch.Generator().manual_seed(100 + n_pairs))
         for router in (False, True):
-            c = DigitsFamily().load(str(base))
-            torch.manual_seed(0)
-            tsm.add_experts(c.denoiser, glance_spec(ts["cut"], rank=4, targets=ATTN, context=router))
-            t0 = time.perf_counter()
-            train_glance(c, pixels, prompts, ts, steps=steps, lr=5e-4, warmup=10)
-            if router:
-                train_glance(c, pixels, prompts, ts, steps=steps, lr=5e-4, warmup=10, stage="assemble")
             name = f"Glance{' + router' if router else ''}, {n_pairs} pair{'s' if n_pairs > 1 else ''}"
-            row = _score(c, _listed(listed, ts["final"], guidance, renoise=False), name, out, net, per_prompt)
-            row["train_seconds"] = time.perf_counter() - t0
-            rows.append(row)
+            runs = []
+            for seed in seeds:  # a seed draws the pairs, the expert init and the training draws
+                g = torch.Generator().manual_seed(100 + n_pairs + 1000 * seed)
+                pixels, prompts = train_batch("post", n_pairs, g)
+                c = DigitsFamily().load(str(base))
+                torch.manual_seed(seed)
+                tsm.add_experts(c.denoiser, glance_spec(ts["cut"], rank=4, targets=ATTN, context=router))
+                t0 = time.perf_counter()
+                kw = dict(steps=steps, lr=5e-4, warmup=10, seed=seed)
+                train_glance(c, pixels, prompts, ts, **kw)
+                if router:
+                    train_glance(c, pixels, prompts, ts, stage="assemble", **kw)
+                sampler = _listed(listed, ts["final"], guidance, renoise=False)
+                row = _score(c, sampler, name, out, net, per_prompt, seed)
+                row["train_seconds"] = time.perf_counter() - t0
+                runs.append(row)
+            rows.append(_mean(runs))
     return rows
 
 
@@ -185,8 +237,11 @@ def markdown(distill: list[dict], glance: list[dict], args: argparse.Namespace) 
         ]
         for r in rows:
             train = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "—"
+            fid, acc = f"{r['fid']:.1f}", f"{r['digit_acc']:.3f}"
+            if r.get("seeds", 1) > 1:
+                fid, acc = f"{fid} ± {r['fid_std']:.1f}", f"{acc} ± {r['digit_acc_std']:.3f}"
             lines.append(
-                f"| {r['name']} | {r['fid']:.1f} | {r['digit_acc']:.3f} | {r['sample_seconds']:.2f} | "
+                f"| {r['name']} | {fid} | {acc} | {r['sample_seconds']:.2f} | "
                 f"{r['sample_seconds'] / ref:.3f} | {train} |"
             )
         return lines
@@ -195,7 +250,8 @@ def markdown(distill: list[dict], glance: list[dict], args: argparse.Namespace) 
         [
             "# Digits benchmark: few-step generation",
             "",
-            f"One seed; {args.per_prompt * 60} held-out source prompts per row; guidance {args.guidance:g} for the teacher.",
+            f"Trained rows: mean ± std over seeds {args.seeds} (untrained rows are deterministic); "
+            f"{args.per_prompt * 60} held-out source prompts per row; guidance {args.guidance:g} for the teacher.",
             "",
             f"## Distillation ({args.updates} generator updates at batch {args.batch}; 2-stage: +{args.updates // 2} router updates)",
             "",
@@ -220,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--teacher-steps", type=int, default=50, help="the reference teacher's DDIM steps")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every trained row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from tsm.bench.digits import _quiet, load_net
@@ -231,8 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
     base = Path(args.base)
     t0 = time.perf_counter()
     teacher = teacher_row(base, out, net, args.per_prompt, args.guidance, args.teacher_steps)
-    distill = distill_rows(base, out, net, args.updates, args.batch, args.per_prompt, args.guidance, teacher)
-    glance = glance_rows(base, out, net, args.glance_steps, args.per_prompt, args.guidance, teacher)
+    distill = distill_rows(
+        base, out, net, args.updates, args.batch, args.per_prompt, args.guidance, teacher, args.seeds
+    )
+    glance = glance_rows(
+        base, out, net, args.glance_steps, args.per_prompt, args.guidance, teacher, args.seeds
+    )
     md = markdown(distill, glance, args) + f"\nWall time {(time.perf_counter() - t0) / 60:.1f} min.\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(

@@ -106,7 +106,7 @@ def build_base(
     unet = UNet2DConditionModel(**UNET_CONFIG)
     text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon"
+        num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type=prediction_type
     )
     return unet, text, scheduler
 

@@ -34,6 +34,7 @@ from torch import nn
 
 import tsm
 from tsm.families import Components
+from tsm.recipes.loop import autocast
 from tsm.sampling import step_to
 
 STEPS = (999, 749, 499, 249)
@@ -49,20 +50,29 @@ def distill_spec(
 
 
 def _timesteps(c: Components, t: float, n: int) -> torch.Tensor:
-    """(n,) copies of t in the objective's dtype: integer for DDPM models, float for flow matching."""
-    return torch.full((n,), t, dtype=torch.float32 if c.objective.continuous else torch.long)
+    """(n,) copies of t in the objective's dtype (integer for DDPM models, float for flow matching), on the
+    denoiser's device."""
+    dtype = torch.float32 if c.objective.continuous else torch.long
+    return torch.full((n,), t, dtype=dtype, device=next(c.denoiser.parameters()).device)
 
 
 def generator_input(
-    c: Components, step: int, noise: torch.Tensor, cond: dict, steps: Sequence[int], gen: torch.Generator
+    c: Components,
+    step: int,
+    noise: torch.Tensor,
+    cond: dict,
+    steps: Sequence[int],
+    gen: torch.Generator,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Backward simulation: the input of generator step ``step``, made by the generator's own first steps."""
     x = noise
     with torch.no_grad():
         for k in range(step):
             t = _timesteps(c, steps[k], len(x))
-            pred = c.family.denoise(c, x, t, cond)
-            renoise = torch.randn(x.shape, generator=gen)
+            with autocast(c, dtype):
+                pred = c.family.denoise(c, x, t, cond).float()
+            renoise = torch.randn(x.shape, generator=gen).to(x.device)
             x = step_to(c.objective, pred, x, t, steps[k + 1], renoise)
     return x
 
@@ -141,8 +151,11 @@ class Distiller:
         max_grad_norm: float | None = 1.0,
         resolution: int = 512,
         num_frames: int = 16,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.resolution, self.num_frames = resolution, num_frames  # of generated samples (pixels, frames)
+        self.dtype = dtype  # mixed precision of the forward passes (None: float32)
+        self.device = next(c.denoiser.parameters()).device
         self.c, self.steps, self.guidance, self.fake_updates = c, list(steps), guidance, fake_updates
         self.t_range, self.gan_weight, self.gan_disc_weight = t_range, gan_weight, gan_disc_weight
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
@@ -173,9 +186,11 @@ class Distiller:
         """Size the head from one forward of the fake score on a dummy batch."""
         c = self.fake_c
         with torch.no_grad():
-            x = torch.zeros((1, *c.family.latent_shape(c, self.resolution, self.num_frames)))
-            c.family.denoise(c, x, _timesteps(c, self.steps[0], 1), c.family.encode_prompt(c, [""]))
-        return GanHead(GanHead.tokens(self.capture.out).shape[-1])
+            x = torch.zeros(
+                (1, *c.family.latent_shape(c, self.resolution, self.num_frames)), device=self.device
+            )
+            self._denoise(c, x, _timesteps(c, self.steps[0], 1), self._encode(c, [""]))
+        return GanHead(GanHead.tokens(self.capture.out).shape[-1]).to(self.device)
 
     def _generator_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
@@ -188,21 +203,32 @@ class Distiller:
         self.lr = lr if lr is not None else self.lr
         self.opt = self._generator_optimizer()
 
+    def _denoise(self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        with autocast(c, self.dtype):
+            return c.family.denoise(c, x, t, cond).float()
+
+    def _encode(self, c: Components, prompts: list[str]) -> dict:
+        with autocast(c, self.dtype):
+            return c.family.encode_prompt(c, prompts)
+
+    def _randn(self, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=gen).to(self.device)  # CPU draws: the same on any device
+
     def real_score(self, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
         """x0 of the frozen teacher with guidance: the generator's module with its experts off."""
         c = self.c
         with torch.no_grad(), tsm.experts_off(c.denoiser):
             both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
-            pu, pc = c.family.denoise(c, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            pu, pc = self._denoise(c, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
             return c.objective.split(c.family.guide(pu, pc, self.guidance), x, t)[0]
 
     def _noise_level(self, n: int, gen: torch.Generator) -> torch.Tensor:
         t = torch.randint(*self.t_range, (n,), generator=gen)
-        return t.float() if self.c.objective.continuous else t
+        return (t.float() if self.c.objective.continuous else t).to(self.device)
 
     def _logit(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The GAN head on the fake score's features of noisy x at t."""
-        self.c.family.denoise(self.fake_c, x, t, cond)
+        self._denoise(self.fake_c, x, t, cond)
         return self.head(self.capture.out)
 
     def step(
@@ -224,23 +250,23 @@ class Distiller:
             raise ValueError("the GAN phase needs the real latents of the prompts' images (real=...)")
         n = len(prompts)
         with torch.no_grad():
-            cond = c.family.encode_prompt(c, prompts)
-            uncond = c.family.encode_prompt(c, [""] * n)
+            cond = self._encode(c, prompts)
+            uncond = self._encode(c, [""] * n)
         shape = c.family.latent_shape(c, self.resolution, self.num_frames)
-        noise = torch.randn((n, *shape), generator=gen)
+        noise = self._randn((n, *shape), gen)
         k = int(torch.randint(len(self.steps), (1,), generator=gen))
         unet.train()  # the simulation routes each sample as the update does (and never merges weights)
-        x_k = generator_input(c, k, noise, cond, self.steps, gen)
+        x_k = generator_input(c, k, noise, cond, self.steps, gen, self.dtype)
         t_k = _timesteps(c, self.steps[k], n)
-        x0 = obj.split(c.family.denoise(c, x_k, t_k, cond), x_k, t_k)[0]  # the generator's output, with grad
+        x0 = obj.split(self._denoise(c, x_k, t_k, cond), x_k, t_k)[0]  # the generator's output, with grad
 
         # distribution matching gradient at a random noise level
         t = self._noise_level(n, gen)
-        xt = obj.noisy(x0.detach(), torch.randn(x0.shape, generator=gen), t)
+        xt = obj.noisy(x0.detach(), self._randn(x0.shape, gen), t)
         real_x0 = self.real_score(xt, t, cond, uncond)
         self.fake.eval()
         with torch.no_grad():
-            fake_x0 = obj.split(c.family.denoise(self.fake_c, xt, t, cond), xt, t)[0]
+            fake_x0 = obj.split(self._denoise(self.fake_c, xt, t, cond), xt, t)[0]
         weight = (x0.detach() - real_x0).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True)
         grad = (fake_x0 - real_x0) / weight.clamp_min(1e-4)
         target = (x0 - grad).detach()
@@ -249,7 +275,7 @@ class Distiller:
         out: dict[str, float] = {"step": k, "dm": dm_loss.item()}
         if gan:  # non-saturating GAN loss through the fake score (its weights get no update from it)
             t_g = self._noise_level(n, gen)
-            logit = self._logit(obj.noisy(x0, torch.randn(x0.shape, generator=gen), t_g), t_g, cond)
+            logit = self._logit(obj.noisy(x0, self._randn(x0.shape, gen), t_g), t_g, cond)
             gan_loss = nn.functional.softplus(-logit).mean()
             gen_loss = gen_loss + self.gan_weight * gan_loss
             out["gan_generator"] = gan_loss.item()
@@ -264,15 +290,15 @@ class Distiller:
         self.fake.train()
         fake_losses, disc_losses = [], []
         for _ in range(self.fake_updates):
-            t_f = obj.sample_t(n, gen)
-            eps = torch.randn(x0.shape, generator=gen)
-            pred = c.family.denoise(self.fake_c, obj.noisy(x0.detach(), eps, t_f), t_f, cond)
+            t_f = obj.sample_t(n, gen).to(self.device)
+            eps = self._randn(x0.shape, gen)
+            pred = self._denoise(self.fake_c, obj.noisy(x0.detach(), eps, t_f), t_f, cond)
             loss = obj.loss(pred, x0.detach(), eps, t_f).mean()
             fake_losses.append(loss.item())
             if gan:  # the head: generated (features of the pass above) vs noisy real latents
                 fake_logit = self.head(self.capture.out)
                 t_r = self._noise_level(n, gen)
-                real_noisy = obj.noisy(real, torch.randn(real.shape, generator=gen), t_r)
+                real_noisy = obj.noisy(real.to(self.device), self._randn(real.shape, gen), t_r)
                 real_logit = self._logit(real_noisy, t_r, cond)
                 disc = nn.functional.softplus(fake_logit).mean() + nn.functional.softplus(-real_logit).mean()
                 loss = loss + self.gan_disc_weight * disc
@@ -309,6 +335,8 @@ class DistillRecipe:
     """The CLI's distillation run: prompts (and, in the GAN phase, real latents) from ``data.path``."""
 
     def __init__(self, cfg: Any, c: Components, dataset: Any, cache: Any) -> None:
+        from tsm.recipes.loop import weight_dtype
+
         d = cfg.distill
         self.cfg, self.c, self.dataset, self.cache = cfg, c, dataset, cache
         self.distiller = Distiller(
@@ -326,6 +354,7 @@ class DistillRecipe:
             max_grad_norm=cfg.optim.max_grad_norm,
             resolution=cfg.data.resolution,
             num_frames=cfg.data.num_frames,
+            dtype=weight_dtype(cfg),
         )
 
     def modules(self) -> dict[str, nn.Module]:
@@ -372,13 +401,13 @@ def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
 
     from tsm.data import LatentCache, load_dataset
     from tsm.families import get_family
-    from tsm.recipes.loop import run_recipe
+    from tsm.recipes.loop import device, run_recipe, weight_dtype
     from tsm.recipes.train import build, validation_grid
 
     if cfg.train.assemble_steps and len(cfg.experts.scales) < 2:
         raise tsm.TsmError("train.assemble_steps needs a context expert: experts.scales such as [4, 1]")
     dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video)
-    c = build(cfg, torch.device("cpu"), torch.float32)
+    c = build(cfg, device(), weight_dtype(cfg))
     if not c.objective.continuous and max(cfg.distill.timesteps) >= c.objective.num_timesteps:
         raise tsm.TsmError(
             f"distill.timesteps must be below the model's {c.objective.num_timesteps} training timesteps"

@@ -20,6 +20,7 @@ import torch
 
 import tsm
 from tsm.families import Components
+from tsm.recipes.loop import autocast
 from tsm.sampling import glance_schedule
 
 SLOW = (1, 3, 5, 7, 9)
@@ -83,8 +84,11 @@ class GlanceTrainer:
         stage: str = "foster",
         seed: int = 0,
         max_grad_norm: float | None = 1.0,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        self.c, self.latents, self.prompts, self.timesteps = c, latents, list(prompts), timesteps
+        self.device = next(c.denoiser.parameters()).device
+        self.dtype = dtype  # mixed precision of the forward pass (None: float32)
+        self.c, self.latents, self.prompts, self.timesteps = c, latents.float(), list(prompts), timesteps
         self.lr, self.warmup, self.batch, self.seed, self.max_grad_norm = (
             lr,
             warmup,
@@ -127,13 +131,15 @@ class GlanceTrainer:
         t, scales = torch.cat(t_parts).to(dtype), torch.cat(scale_parts)
         pick = torch.randint(len(self.prompts), (len(t),), generator=g)
         x0, caps = self.latents[pick], [self.prompts[i] for i in pick.tolist()]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g)  # CPU draws: the same on any device
+        t, x0, noise = t.to(self.device), x0.to(self.device), noise.to(self.device)
         for m in self.modules:
             tsm.get_routing(m).foster_scales = scales
         for m in self.modules[1:]:
             tsm.set_timesteps(m, t)
-        cond = c.family.encode_prompt(c, caps)
-        pred = c.family.denoise(c, c.objective.noisy(x0, noise, t), t, cond)
+        with autocast(c, self.dtype):
+            cond = c.family.encode_prompt(c, caps)
+            pred = c.family.denoise(c, c.objective.noisy(x0, noise, t), t, cond).float()
         per_sample = c.objective.loss(pred, x0, noise, t)
         # fostering: each expert's own mean (every expert gets `batch` samples); assembling: the plain mean
         loss = per_sample.sum() / batch if self.stage == "foster" else per_sample.mean()
@@ -184,6 +190,7 @@ class GlanceRecipe:
     """The CLI's Glance run: the first ``glance.max_pairs`` image-caption pairs of ``data.path``."""
 
     def __init__(self, cfg: Any, c: Components, latents: torch.Tensor, prompts: list[str]) -> None:
+        from tsm.recipes.loop import weight_dtype
         from tsm.recipes.train import glance_schedule
 
         self.cfg, self.c = cfg, c
@@ -197,6 +204,7 @@ class GlanceRecipe:
             batch=cfg.train.batch_size,
             seed=cfg.train.seed,
             max_grad_norm=cfg.optim.max_grad_norm,
+            dtype=weight_dtype(cfg),
         )
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -222,13 +230,13 @@ def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
 
     from tsm.data import LatentCache, collate, load_dataset
     from tsm.families import get_family
-    from tsm.recipes.loop import run_recipe
+    from tsm.recipes.loop import device, run_recipe, weight_dtype
     from tsm.recipes.train import build, encode_latents, validation_grid
 
     if cfg.train.assemble_steps and not cfg.glance.router:
         raise tsm.TsmError("train.assemble_steps needs glance.router=true (a context expert to route)")
     dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video)
-    c = build(cfg, torch.device("cpu"), torch.float32)
+    c = build(cfg, device(), weight_dtype(cfg))
     run_dir = Path(cfg.train.output_dir)
     cache = LatentCache(Path(cfg.data.cache_dir or run_dir / "cache"), c.model_id) if cfg.data.cache else None
     batch = collate([dataset[i] for i in range(min(cfg.glance.max_pairs, len(dataset)))])

@@ -43,6 +43,26 @@ class Recipe(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def device() -> torch.device:
+    """Where the recipes run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weight_dtype(cfg: Config) -> torch.dtype:
+    """The frozen base weights' dtype and the forward passes' autocast dtype (adapters stay float32)."""
+    if cfg.train.mixed_precision == "fp16":
+        raise TsmError(
+            f"train.method={cfg.train.method} runs in float32 or bf16; set train.mixed_precision=bf16"
+        )
+    return torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
+
+
+def autocast(c: Any, dtype: torch.dtype | None) -> Any:
+    """Mixed precision on the denoiser's device (``dtype`` None or float32: off)."""
+    where = next(c.denoiser.parameters()).device
+    return torch.autocast(where.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of every random draw of one step."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
