@@ -43,7 +43,7 @@ def _sample(args: argparse.Namespace) -> None:
         [p for p, _ in pairs],
         [s for _, s in pairs],
         args.steps,
-        args.guidance,
+        cfg.train.guidance_scale if args.guidance is None else args.guidance,
         args.resolution or cfg.data.resolution,
     )
     out = Path(args.out or Path(args.run) / "samples")
@@ -124,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the run's train.guidance_scale)",
+    )
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
     p.set_defaults(func=_sample)
