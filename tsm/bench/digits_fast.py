@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--glance-steps", type=int, default=60)
     p.add_argument("--per-prompt", type=int, default=8)
-    p.add_argument("--guidance", type=float, default=3.0)
+    # 1.5: chosen on a validation set (train-split digits, other seeds); at 3.0 guidance compounds over many
+    # steps on this model (50 DDIM steps: FID 727 at 3.0, 155 at 1.5, 109 at 1.0; 10 steps: 229, 102, 114)
+    p.add_argument("--guidance", type=float, default=1.5, help="the teacher's and the real score's guidance")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--teacher-steps", type=int, default=50, help="the reference teacher's DDIM steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every trained row")
