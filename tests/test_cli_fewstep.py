@@ -270,3 +270,25 @@ def test_bf16_runs_keep_float32_adapters_and_fp16_is_refused(method, assets, tmp
     assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     code, err = run_cli(capsys, "train", cfg, "train.mixed_precision=fp16")
     assert code == 2 and "bf16" in err
+
+
+@pytest.mark.parametrize(("family", "resolution"), [("flux", 16), ("qwen", 32)])
+def test_glance_and_distill_run_on_tiny_flux_and_qwen(family, resolution, assets, tmp_path, capsys):
+    model = write_tiny_model(family, tmp_path / family)
+    for method, extra in (
+        ("glance", {"glance": {"router": True}}),
+        ("distill", {"distill": {"fake_rank": 2, "fake_updates": 1}, "experts": {"scales": [4, 1]}}),
+    ):
+        cfg = write_config(
+            tmp_path / f"{method}.yaml",
+            family,
+            {**assets, family: model},
+            train={"method": method, "steps": 1, "assemble_steps": 1, "batch_size": 1},
+            data={"path": str(assets["images"]), "resolution": resolution},
+            **extra,
+        )
+        code, err = run_cli(capsys, "train", cfg)
+        assert code == 0, err
+        spec = tsm.read_spec(tmp_path / method / "transformer.safetensors")
+        assert spec.timestep_scale == 1000.0 and len(spec.scales) == 2
+        assert (tmp_path / method / "samples" / "final.png").is_file()
