@@ -234,6 +234,19 @@ def validate(cfg: Config) -> None:
             raise TsmError(f"distill needs 0 <= t_min < t_max <= 1000, got {d.t_min}, {d.t_max}")
     if cfg.train.method == "glance" and cfg.glance.max_pairs < 1:
         raise TsmError(f"glance.max_pairs must be >= 1, got {cfg.glance.max_pairs}")
+    if cfg.train.method in ("distill", "glance"):
+        if cfg.experts.text_targets:
+            raise TsmError(
+                f"train.method={cfg.train.method} tunes the denoiser only; set experts.text_targets=[]"
+            )
+        if cfg.train.mixed_precision == "fp16":
+            raise TsmError(
+                f"train.method={cfg.train.method} runs in float32 or bf16; set train.mixed_precision=bf16"
+            )
+    if cfg.train.assemble_steps and cfg.train.method == "distill" and len(cfg.experts.scales) < 2:
+        raise TsmError("train.assemble_steps needs a context expert: experts.scales such as [4, 1]")
+    if cfg.train.assemble_steps and cfg.train.method == "glance" and not cfg.glance.router:
+        raise TsmError("train.assemble_steps needs glance.router=true (a context expert to route)")
     if cfg.train.only_expert is not None and len(cfg.train.only_expert) != 2:
         raise TsmError(f"train.only_expert must be [scale, index], got {cfg.train.only_expert!r}")
 

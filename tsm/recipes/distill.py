@@ -397,23 +397,11 @@ class DistillRecipe:
 
 def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
     """`tsm train` with ``train.method: distill``: the generator's experts (and the fake score) into output_dir."""
-    from pathlib import Path
+    from tsm.recipes.loop import run_recipe, setup
 
-    from tsm.data import LatentCache, load_dataset
-    from tsm.families import get_family
-    from tsm.recipes.loop import device, run_recipe, weight_dtype
-    from tsm.recipes.train import build, validation_grid
-
-    if cfg.train.assemble_steps and len(cfg.experts.scales) < 2:
-        raise tsm.TsmError("train.assemble_steps needs a context expert: experts.scales such as [4, 1]")
-    dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video)
-    c = build(cfg, device(), weight_dtype(cfg))
+    dataset, c, cache = setup(cfg)
     if not c.objective.continuous and max(cfg.distill.timesteps) >= c.objective.num_timesteps:
         raise tsm.TsmError(
             f"distill.timesteps must be below the model's {c.objective.num_timesteps} training timesteps"
         )
-    run_dir = Path(cfg.train.output_dir)
-    cache = LatentCache(Path(cfg.data.cache_dir or run_dir / "cache"), c.model_id) if cfg.data.cache else None
-    recipe = DistillRecipe(cfg, c, dataset, cache)
-    total = cfg.train.steps + cfg.train.assemble_steps
-    return run_recipe(cfg, recipe, total, resume, lambda path: validation_grid(cfg, c, path))
+    return run_recipe(cfg, c, DistillRecipe(cfg, c, dataset, cache), resume)

@@ -226,22 +226,12 @@ class GlanceRecipe:
 
 def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
     """`tsm train` with ``train.method: glance``: slow/fast phase experts (and a router) into output_dir."""
-    from pathlib import Path
+    from tsm.data import collate
+    from tsm.recipes.loop import run_recipe, setup
+    from tsm.recipes.train import encode_latents
 
-    from tsm.data import LatentCache, collate, load_dataset
-    from tsm.families import get_family
-    from tsm.recipes.loop import device, run_recipe, weight_dtype
-    from tsm.recipes.train import build, encode_latents, validation_grid
-
-    if cfg.train.assemble_steps and not cfg.glance.router:
-        raise tsm.TsmError("train.assemble_steps needs glance.router=true (a context expert to route)")
-    dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video)
-    c = build(cfg, device(), weight_dtype(cfg))
-    run_dir = Path(cfg.train.output_dir)
-    cache = LatentCache(Path(cfg.data.cache_dir or run_dir / "cache"), c.model_id) if cfg.data.cache else None
+    dataset, c, cache = setup(cfg)
     batch = collate([dataset[i] for i in range(min(cfg.glance.max_pairs, len(dataset)))])
     with torch.no_grad():  # the posterior mean of each pair: the pairs are fixed, so is their latent
         latents = encode_latents(c, batch, cache, None)
-    recipe = GlanceRecipe(cfg, c, latents, list(batch["captions"]))
-    total = cfg.train.steps + cfg.train.assemble_steps
-    return run_recipe(cfg, recipe, total, resume, lambda path: validation_grid(cfg, c, path))
+    return run_recipe(cfg, c, GlanceRecipe(cfg, c, latents, list(batch["captions"])), resume)

@@ -49,11 +49,8 @@ def device() -> torch.device:
 
 
 def weight_dtype(cfg: Config) -> torch.dtype:
-    """The frozen base weights' dtype and the forward passes' autocast dtype (adapters stay float32)."""
-    if cfg.train.mixed_precision == "fp16":
-        raise TsmError(
-            f"train.method={cfg.train.method} runs in float32 or bf16; set train.mixed_precision=bf16"
-        )
+    """The frozen base weights' dtype and the forward passes' autocast dtype (adapters stay float32; fp16 is
+    refused by tsm.config.validate)."""
     return torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
 
 
@@ -68,6 +65,19 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def setup(cfg: Config) -> tuple[Any, Any, Any]:
+    """The dataset, the model (experts added, on the device, in the run's dtype) and the latent cache."""
+    from tsm.data import LatentCache, load_dataset
+    from tsm.families import get_family
+    from tsm.recipes.train import build
+
+    dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video)
+    c = build(cfg, device(), weight_dtype(cfg))
+    cache_dir = Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "cache")
+    cache = LatentCache(cache_dir, c.model_id) if cfg.data.cache else None
+    return dataset, c, cache
+
+
 def _save(recipe: Recipe, directory: Path) -> None:
     for name, module in recipe.modules().items():
         io.save(module, directory / f"{name}.safetensors")
@@ -80,13 +90,14 @@ def _load(recipe: Recipe, ckpt: Path) -> None:
     recipe.load_state_dict(torch.load(ckpt / RECIPE_STATE, weights_only=True))  # never unpickle
 
 
-def run_recipe(
-    cfg: Config, recipe: Recipe, total: int, resume: bool, grid: Callable[[Path], Path]
-) -> dict[str, Any]:
-    """Run ``total`` steps of ``recipe`` into ``cfg.train.output_dir``; returns the summary."""
-    from tsm.recipes.train import latest_checkpoint, plot_loss, write_checkpoint
+def run_recipe(cfg: Config, c: Any, recipe: Recipe, resume: bool) -> dict[str, Any]:
+    """Run ``train.steps + train.assemble_steps`` steps of ``recipe`` (on model ``c``) into
+    ``train.output_dir``; returns the summary."""
+    from tsm.recipes.train import STATE, latest_checkpoint, plot_loss, validation_grid, write_checkpoint
 
     tc = cfg.train
+    total = tc.steps + tc.assemble_steps
+    grid: Callable[[Path], Path] = lambda path: validation_grid(cfg, c, path)  # noqa: E731
     run = Path(tc.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
@@ -94,7 +105,7 @@ def run_recipe(
     if resume:
         ckpt = latest_checkpoint(run)
         if ckpt is not None:
-            state = json.loads((ckpt / "state.json").read_text())
+            state = json.loads((ckpt / STATE).read_text())
             start, history = state["step"], [tuple(h) for h in state["history"]]
             recipe.begin(start - 1)  # the stage (and optimizer) the checkpoint was written in, then load it
             _load(recipe, ckpt)

@@ -63,11 +63,7 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
         timestep_scale=family.timestep_scale,
     )
     specs = {family.denoiser_subfolder: base}
-    if cfg.train.method in FEW_STEP:
-        if e.text_targets:
-            raise TsmError(
-                f"train.method={cfg.train.method} tunes the denoiser only; set experts.text_targets=[]"
-            )
+    if cfg.train.method in FEW_STEP:  # the denoiser only (checked in tsm.config.validate)
         return specs
     text_targets = family.default_text_targets if e.text_targets is None else e.text_targets
     if text_targets:
