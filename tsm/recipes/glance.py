@@ -52,6 +52,12 @@ def glance_timesteps(
     return {k: ([int(round(x)) for x in v] if isinstance(v, list) else v) for k, v in out.items()}
 
 
+def glance_timesteps_for(cfg: Any, c: Components) -> dict[str, Any]:
+    """`glance_timesteps` with a run config's reference steps, phases and resolution."""
+    g = cfg.glance
+    return glance_timesteps(c, g.reference_steps, g.slow, g.fast, resolution=cfg.data.resolution)
+
+
 def glance_spec(
     cut: float, rank: int, targets: list[str], alpha: float | None = None, context: bool = False
 ) -> Any:
@@ -191,14 +197,13 @@ class GlanceRecipe:
 
     def __init__(self, cfg: Any, c: Components, latents: torch.Tensor, prompts: list[str]) -> None:
         from tsm.recipes.loop import weight_dtype
-        from tsm.recipes.train import glance_schedule
 
         self.cfg, self.c = cfg, c
         self.trainer = GlanceTrainer(
             c,
             latents,
             prompts,
-            glance_schedule(cfg, c),
+            glance_timesteps_for(cfg, c),
             lr=cfg.optim.lr,
             warmup=cfg.optim.warmup_steps,
             batch=cfg.train.batch_size,

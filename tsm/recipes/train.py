@@ -48,7 +48,9 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
     if cfg.train.method == "lora":
         scales: tuple = (1,)
     elif cfg.train.method == "glance":  # the slow/fast cut sits on the model's own reference schedule
-        cut = glance_schedule(cfg, c)["cut"]
+        from tsm.recipes.glance import glance_timesteps_for
+
+        cut = glance_timesteps_for(cfg, c)["cut"]
         scales = ([cut], 1) if cfg.glance.router else ([cut],)
     else:
         scales = tuple(tuple(s) if isinstance(s, list) else s for s in e.scales)
@@ -101,14 +103,6 @@ def expert_modules(c: Components) -> dict[str, torch.nn.Module]:
     return {k: m for k, m in c.modules().items() if getattr(m, ATTR, None) is not None}
 
 
-def glance_schedule(cfg: Config, c: Components) -> dict[str, Any]:
-    """Glance's listed timesteps, cut and final timestep for this config's model and resolution."""
-    from tsm.recipes.glance import glance_timesteps
-
-    g = cfg.glance
-    return glance_timesteps(c, g.reference_steps, g.slow, g.fast, resolution=cfg.data.resolution)
-
-
 def sample_run(
     cfg: Config,
     c: Components,
@@ -127,7 +121,9 @@ def sample_run(
     if cfg.train.method == "distill":
         return sample_timesteps_list(c, prompts, seeds, cfg.distill.timesteps, None, renoise=True, **common)
     if cfg.train.method == "glance":
-        ts = glance_schedule(cfg, c)
+        from tsm.recipes.glance import glance_timesteps_for
+
+        ts = glance_timesteps_for(cfg, c)
         listed = ts["slow"] + ts["fast"]
         return sample_timesteps_list(
             c, prompts, seeds, listed, ts["final"], guidance_scale=guidance_scale, **common
