@@ -238,6 +238,14 @@ def _expert_keys(spec: ExpertSpec, scale: int | None, index: int | None) -> list
     ]
 
 
+def _check_exportable(name: str, layer: nn.Module) -> None:
+    if layer.conv_fn is not None and any(d != 1 for d in layer.base_layer.dilation):
+        raise TsmError(
+            f"{name} is a dilated conv, and PEFT's LoRA convs ignore dilation: the exported expert would "
+            "compute something else; drop it from the targets to export"
+        )
+
+
 def export_lora(
     model: nn.Module, path: PathLike, scale: int = 0, index: int = 0, prefix: str | None = None
 ) -> Path:
@@ -256,11 +264,7 @@ def export_lora(
     head = f"{prefix}." if prefix else ""
     tensors = {}
     for name, layer in expert_layers(model):
-        if layer.conv_fn is not None and any(d != 1 for d in layer.base_layer.dilation):
-            raise TsmError(
-                f"{name} is a dilated conv, and PEFT's LoRA convs ignore dilation: the exported expert would "
-                "compute something else; drop it from the targets to export"
-            )
+        _check_exportable(name, layer)
         tensors[f"{head}{name}.lora_A.weight"] = layer.lora_A[key].detach()  # (r, in[, *k])
         tensors[f"{head}{name}.lora_B.weight"] = layer.scaling * layer.lora_B[key].detach()  # (out, r[, 1..])
     lo, hi = interval_bounds(index, spec.scales[scale], spec.num_timesteps)
@@ -309,6 +313,7 @@ def export_step_lora(model: nn.Module, t: float, path: PathLike, prefix: str | N
     head = f"{prefix}." if prefix else ""
     tensors = {}
     for name, layer in expert_layers(model):
+        _check_exportable(name, layer)
         gates = (layer.router.table[t_index] + layer.router.offset).detach()  # (g,)
         weights = [1.0, *gates.tolist()]  # the core is always on
         a = torch.cat([layer.lora_A[k].detach() for k in keys])  # (m r, in[, *k])
