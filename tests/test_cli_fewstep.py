@@ -171,7 +171,7 @@ def test_fewstep_config_errors_are_one_line(assets, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------
 def _assembled_t_only(tmp_path: Path, assets: dict):
-    from tsm.families import get_family
+    from tsm.models import get_family
 
     c = get_family("sd15").load(str(assets["sd15"]))
     torch.manual_seed(0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tsm
-from tsm.bench.digits_model import DigitsFamily, pretrain_base
+from tsm.bench.digits_model import pretrain_base
+from tsm.models.digits import DigitsFamily
 from tsm.recipes.distill import STEPS, Distiller, distill_spec, generator_input
 from tsm.sampling import step_to
 

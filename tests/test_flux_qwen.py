@@ -13,7 +13,7 @@ from conftest import randomize_experts
 from tiny_models import write_tiny_model
 
 import tsm
-from tsm.families import get_family, pack_latents
+from tsm.models import get_family, pack_latents
 from tsm.recipes.glance import FAST, SLOW, glance_timesteps
 from tsm.sampling import sample
 

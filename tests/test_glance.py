@@ -5,8 +5,9 @@ import torch
 
 import tsm
 from tsm.bench.digits_data import load_digit_split, make_source_batch
-from tsm.bench.digits_model import DigitsFamily, pretrain_base
+from tsm.bench.digits_model import pretrain_base
 from tsm.intervals import expert_index
+from tsm.models.digits import DigitsFamily
 from tsm.recipes.glance import glance_spec, glance_timesteps, train_glance
 from tsm.sampling import sample_timesteps_list
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tsm.families import Components, Family
+from tsm.models import Components, Family
 from tsm.objectives import DDPMObjective, FlowMatchingObjective
 from tsm.sampling import glance_schedule, sample_timesteps_list, step_to
 

@@ -57,7 +57,7 @@ def qwen_tokenizer():
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from tsm.families import Qwen
+    from tsm.models.qwen import Qwen
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())

@@ -23,7 +23,7 @@ from tsm.errors import TsmError
 
 def _train(args: argparse.Namespace) -> None:
     from tsm.config import load_config
-    from tsm.recipes.train import train
+    from tsm.recipes.run import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
     from tsm.images import save_images
-    from tsm.recipes.train import load_run, sample_run
+    from tsm.recipes.run import load_run, sample_run
 
     cfg, c = load_run(args.run)
     prompts = args.prompt or cfg.train.validation_prompts
@@ -58,24 +58,26 @@ def _sample(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from tsm import io
     from tsm.inject import ATTR
-    from tsm.recipes.train import load_run
+    from tsm.recipes.run import load_run
 
     _, c = load_run(args.run)
     name = args.module or c.family.denoiser_subfolder
     modules = c.modules()
     if name not in modules or getattr(modules[name], ATTR, None) is None:
         raise TsmError(f"module {name!r} has no experts in {args.run}; choose from {', '.join(modules)}")
+    # the keys' prefix is the component's name, so that pipe.load_lora_weights puts each LoRA into the part it
+    # came from (text_encoder_2, not the first text encoder, which the class alone would suggest)
     if args.timesteps:
         paths = [
-            io.export_step_lora(modules[name], t, Path(args.out) / f"t{t:g}.safetensors")
+            io.export_step_lora(modules[name], t, Path(args.out) / f"t{t:g}.safetensors", prefix=name)
             for t in args.timesteps
         ]
         print(f"wrote {len(paths)} per-step LoRA files to {args.out}")
     elif args.all:
-        paths = io.export_all_lora(modules[name], args.out)
+        paths = io.export_all_lora(modules[name], args.out, prefix=name)
         print(f"wrote {len(paths)} LoRA files to {args.out}")
     else:
-        io.export_lora(modules[name], args.out, scale=args.scale, index=args.index)
+        io.export_lora(modules[name], args.out, scale=args.scale, index=args.index, prefix=name)
         print(f"wrote {args.out}")
 
 

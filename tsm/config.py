@@ -18,14 +18,20 @@ from typing import Any
 import yaml
 
 from tsm.errors import TsmError
+from tsm.models import family_names
 
-FAMILIES = ("sd15", "pixart", "sd3", "video3d", "flux", "qwen", "digits")
-METHODS = ("lora", "foster", "assemble", "distill", "glance")
+FAMILIES = family_names()  # every family registered in tsm/models/
+METHODS = ("lora", "foster", "assemble", "distill", "glance")  # = tsm.recipes' registry (tested)
+WEIGHTINGS = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")  # diffusers' weighting_scheme names
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)  # fmt: skip
+TRACKERS = ("tensorboard", "wandb", "none")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "sd15"  # sd15 | pixart | sd3 | video3d | flux | qwen | digits (the benchmark model)
+    family: str = "sd15"  # a registered family: sd15 | pixart | sd3 | video3d | flux | qwen | digits
     path: str = ""  # hub id or local folder in diffusers layout (model_index.json + subfolders); digits: "" = built-in
     revision: str | None = None  # hub revision
     prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction); flow for sd3
@@ -64,15 +70,26 @@ class OptimConfig:
     text_lr: float | None = None  # text-encoder adapters (None: = lr)
     text_weight_decay: float | None = None  # text-encoder adapters (None: = weight_decay)
     max_grad_norm: float | None = 1.0  # per-expert gradient clipping (None: off)
-    warmup_steps: int = 0  # linear warm-up, then constant
+    # diffusers.optimization.get_scheduler: constant | constant_with_warmup | linear | cosine |
+    # cosine_with_restarts | polynomial (over train.steps, after warmup_steps of linear warm-up)
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 0  # linear warm-up steps (0 with constant_with_warmup: a constant lr)
+    lr_num_cycles: int = 1  # cosine_with_restarts: hard restarts
+    lr_power: float = 1.0  # polynomial: the decay's power
+    ema_decay: float | None = None  # EMA of the adapters (diffusers' EMAModel), saved as the final weights
 
 
 @dataclass
 class ObjectiveConfig:
-    min_snr_gamma: float | None = None  # Min-SNR weighting (DDPM objectives)
-    weighting: str = "logit_normal"  # flow matching timestep density: none | logit_normal
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    # timestep density / loss weighting, diffusers' weighting_scheme: none (uniform) | logit_normal | mode |
+    # cosmap | sigma_sqrt. None: the family's reference script's (sd3: logit_normal; the others: none)
+    weighting: str | None = None
+    logit_mean: float = 0.0  # logit_normal: mean of the normal (diffusers' sign: > 0 favours less noise)
+    logit_std: float = 1.0  # logit_normal: its std
+    mode_scale: float = 1.29  # mode: the heavy-tail scale
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (epsilon / v-prediction models)
+    shift: float | None = None  # flow models: the timestep shift of training t (None: the scheduler's)
+    noise_offset: float = 0.0  # offset noise: + noise_offset * N(0, 1) per sample and channel
 
 
 @dataclass
@@ -109,6 +126,9 @@ class TrainConfig:
     steps: int = 4000  # optimizer steps (distill: generator updates)
     assemble_steps: int = 0  # distill/glance with a context expert: router-only steps after `steps`
     batch_size: int = 64  # global batch (split over processes and accumulation steps)
+    # foster: every expert gets batch_size samples a step, t drawn inside its interval (the paper's n x steps
+    # bookkeeping; the global batch is batch_size x experts)
+    batch_per_expert: bool = False
     grad_accum: int = 1  # gradient accumulation steps
     mixed_precision: str = "no"  # no | bf16 | fp16 (adapters stay float32)
     gradient_checkpointing: bool = False
@@ -116,9 +136,10 @@ class TrainConfig:
     output_dir: str = "runs/train"
     checkpoint_every: int = 500  # steps between checkpoints
     keep_last: int = 2  # checkpoints kept
-    log_every: int = 10  # steps between tensorboard scalars
+    log_every: int = 10  # steps between tracker scalars (loss, lr, loss per finest interval)
+    log_with: str = "tensorboard"  # tensorboard | wandb | none (Accelerator(log_with=...), into <run>/logs)
     validate_every: int = 0  # steps between validation grids (0: only at the end)
-    validation_prompts: list[str] = field(default_factory=lambda: ["a photo"])
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo"])  # []: no grids
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
     validation_steps: int = 25  # sampler steps of the validation grid
     guidance_scale: float = 5.0
@@ -221,6 +242,25 @@ def validate(cfg: Config) -> None:
     for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
         if getattr(cfg.train, key) < 1:
             raise TsmError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    o = cfg.objective
+    if o.weighting is not None and o.weighting not in WEIGHTINGS:
+        raise TsmError(f"objective.weighting must be one of {', '.join(WEIGHTINGS)}, got {o.weighting!r}")
+    if o.logit_std <= 0 or o.noise_offset < 0 or (o.min_snr_gamma is not None and o.min_snr_gamma <= 0):
+        raise TsmError("objective.logit_std and min_snr_gamma must be > 0, noise_offset >= 0")
+    if o.shift is not None and o.shift <= 0:
+        raise TsmError(f"objective.shift must be > 0, got {o.shift}")
+    if cfg.optim.lr_scheduler not in LR_SCHEDULERS:
+        raise TsmError(
+            f"optim.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {cfg.optim.lr_scheduler!r}"
+        )
+    if cfg.optim.warmup_steps < 0:
+        raise TsmError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.optim.ema_decay is not None and not 0 < cfg.optim.ema_decay < 1:
+        raise TsmError(f"optim.ema_decay must be in (0, 1), got {cfg.optim.ema_decay}")
+    if cfg.train.log_with not in TRACKERS:
+        raise TsmError(f"train.log_with must be one of {', '.join(TRACKERS)}, got {cfg.train.log_with!r}")
+    if cfg.data.num_workers < 0:
+        raise TsmError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.train.assemble_steps < 0:
         raise TsmError(f"train.assemble_steps must be >= 0, got {cfg.train.assemble_steps}")
     d = cfg.distill

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tsm.config import DataConfig
 from tsm.errors import TsmError
@@ -211,12 +211,24 @@ class _CaptionedFolder(Dataset):
             raise TsmError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
 
-    def _rng(self, index: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index, stream])
+    epoch_indexed = True  # items can be asked for as dataset[(index, epoch)] (what `step_loader` does)
 
-    def caption_at(self, index: int) -> str:
-        """The caption item ``index`` gets this epoch: "" with probability caption_dropout."""
-        if self.caption_dropout > 0 and self._rng(index, _DROPOUT).random() < self.caption_dropout:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``index`` as drawn in the current epoch (`set_epoch`), or ``dataset[(index, epoch)]``: the
+        epoch travels with the index, so DataLoader workers need no `set_epoch` of their own."""
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        return self.item(int(index), int(epoch))
+
+    def item(self, index: int, epoch: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _rng(self, index: int, stream: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index, stream])
+
+    def caption_at(self, index: int, epoch: int | None = None) -> str:
+        """The caption item ``index`` gets in ``epoch`` (default: the current one): "" with probability
+        caption_dropout. This is the only place training drops captions (classifier-free guidance)."""
+        if self.caption_dropout > 0 and self._rng(index, _DROPOUT, epoch).random() < self.caption_dropout:
             return ""
         return self.captions[index]
 
@@ -231,7 +243,7 @@ class _CaptionedFolder(Dataset):
             )
         return caption
 
-    def _crop(self, width: int, height: int, index: int) -> Crop:
+    def _crop(self, width: int, height: int, index: int, epoch: int | None = None) -> Crop:
         """Shorter side to resolution (the other keeps the aspect ratio), then a center or seeded crop."""
         size = self.resolution
         scale = size / min(width, height)
@@ -239,9 +251,9 @@ class _CaptionedFolder(Dataset):
         if self.center_crop:  # rounding as torchvision's CenterCrop, which diffusers' scripts use
             left, top = round((w - size) / 2), round((h - size) / 2)
         else:
-            rng = self._rng(index, _CROP)
+            rng = self._rng(index, _CROP, epoch)
             left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-        flip = self.random_flip and bool(self._rng(index, _FLIP).random() < 0.5)
+        flip = self.random_flip and bool(self._rng(index, _FLIP, epoch).random() < 0.5)
         return Crop(w, h, left, top, size, flip)
 
 
@@ -274,13 +286,13 @@ class CaptionedImageFolder(_CaptionedFolder):
                 f"data folder {self.root} has no images ({', '.join(IMAGE_EXTS)}); add some or fix data.path"
             )
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def item(self, index: int, epoch: int) -> dict[str, Any]:
         path = self.paths[index]
         data = _read_bytes(path)
         image = _decode_image(data, path)
-        crop = self._crop(image.width, image.height, index)
+        crop = self._crop(image.width, image.height, index, epoch)
         key = f"{hashlib.sha256(data).hexdigest()}:{crop.tag}"
-        return {"pixels": to_pixels(image, crop), "caption": self.caption_at(index), "key": key}
+        return {"pixels": to_pixels(image, crop), "caption": self.caption_at(index, epoch), "key": key}
 
 
 class VideoClipFolder(_CaptionedFolder):
@@ -353,7 +365,7 @@ class VideoClipFolder(_CaptionedFolder):
         """num_frames evenly spaced frames from the first to the last (distinct since count >= num_frames)."""
         return np.linspace(0, count - 1, self.num_frames).round().astype(int).tolist()
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def item(self, index: int, epoch: int) -> dict[str, Any]:
         clip, frame_files = self.paths[index], self.frames[index]
         digest = hashlib.sha256()
         if frame_files is not None:
@@ -368,10 +380,10 @@ class VideoClipFolder(_CaptionedFolder):
                 digest.update(hashlib.file_digest(f, "sha256").digest())
         if len({image.size for image in images}) > 1:
             raise TsmError(f"clip {clip} has frames of different sizes; resize them all to one size")
-        crop = self._crop(images[0].width, images[0].height, index)
+        crop = self._crop(images[0].width, images[0].height, index, epoch)
         pixels = torch.stack([to_pixels(image, crop) for image in images], dim=1)  # (3, F, R, R)
         key = f"{digest.hexdigest()}:{self.num_frames}f:{crop.tag}"
-        return {"pixels": pixels, "caption": self.caption_at(index), "key": key}
+        return {"pixels": pixels, "caption": self.caption_at(index, epoch), "key": key}
 
     def _decode_video(self, path: Path) -> list[Image.Image]:
         """The clip's sampled frames, decoding once; twice only when the container miscounts its frames."""
@@ -507,15 +519,78 @@ def cached_latent_dist(
 
 
 def load_dataset(cfg: DataConfig, video: bool, seed: int = 0) -> CaptionedImageFolder | VideoClipFolder:
-    """The dataset a config names: an image folder, or a folder of clips for video models."""
+    """The dataset a config names: an image folder, or a folder of clips for video models; its crops, flips
+    and caption dropout are drawn from (``seed``: the run's, epoch, index)."""
     if not cfg.path:
         raise TsmError("data.path is empty: give a folder of images with captions (or of video clips)")
     common = dict(
-        resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=seed
+        resolution=cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        caption_dropout=cfg.caption_dropout,
+        seed=seed,
     )
     if video:
         return VideoClipFolder(cfg.path, num_frames=cfg.num_frames, **common)
     return CaptionedImageFolder(cfg.path, **common)
+
+
+def dataset_item(dataset: Any, index: int, epoch: int) -> dict[str, Any]:
+    """``dataset[(index, epoch)]`` for tsm's folders (their draws follow the epoch), else ``dataset[index]``."""
+    return dataset[(index, epoch)] if getattr(dataset, "epoch_indexed", False) else dataset[index]
+
+
+class StepBatches(Sampler):
+    """This process's micro-batches of dataset keys for steps ``start ..`` in order: epochs of seeded
+    permutations (``randperm`` seeded by seed + epoch) read position by position, so the sample at global
+    position p is the same whatever the processes, accumulation or the step a run resumed at.
+
+    Keys are ``(index, epoch)`` for datasets with ``epoch_indexed`` (crops, flips and caption dropout then
+    change every epoch, also inside DataLoader workers), else plain indices.
+    """
+
+    def __init__(
+        self, dataset: Any, seed: int, start: int, total: int, batch: int, micro: int, local: int, rank: int
+    ) -> None:
+        self.n, self.seed, self.start, self.total = len(dataset), seed, start, total
+        self.batch, self.micro, self.local, self.rank = batch, micro, local, rank
+        self.with_epoch = getattr(dataset, "epoch_indexed", False)
+        self.perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * (self.batch // self.micro)
+
+    def key(self, position: int) -> Any:
+        epoch = position // self.n
+        if epoch not in self.perms:
+            self.perms = {
+                epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            }
+        index = int(self.perms[epoch][position % self.n])
+        return (index, epoch) if self.with_epoch else index
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for step in range(self.start, self.total):
+            for k in range(self.batch // self.micro):
+                lo = step * self.batch + k * self.micro + self.rank * self.local
+                yield [self.key(p) for p in range(lo, lo + self.local)]
+
+
+def step_loader(
+    dataset: Any, cfg: Any, batch: int, micro: int, local: int, rank: int, total: int
+) -> Callable[[int], DataLoader]:
+    """``loader(start)``: a DataLoader of this process's micro-batches from step ``start`` on, with
+    ``data.num_workers`` workers (``cfg`` is the run's Config: its seed and data section)."""
+
+    def loader(start: int) -> DataLoader:
+        sampler = StepBatches(dataset, cfg.train.seed, start, total, batch, micro, local, rank)
+        workers = cfg.data.num_workers
+        return DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+            prefetch_factor=2 if workers else None, persistent_workers=False,
+        )  # fmt: skip
+
+    return loader
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -205,14 +205,75 @@ def describe(path: PathLike) -> str:
 # ----------------------------------------------------------------------------------------------------
 # one expert <-> a plain LoRA file
 # ----------------------------------------------------------------------------------------------------
-def default_prefix(model: nn.Module) -> str:
-    """The pipeline component name diffusers expects in LoRA keys: unet, transformer, text_encoder, or none."""
+def _class_prefix(model: nn.Module) -> str:
+    """The component kind the model's class implies: unet, transformer, text_encoder, or "" (not a pipeline part)."""
     classes = type(model).__mro__
     if any(c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers") for c in classes):
         return "unet" if "UNet" in type(model).__name__ else "transformer"
     if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in classes):
         return "text_encoder"
     return ""
+
+
+def _same_kind(component: str, guess: str) -> bool:
+    """Whether pipeline component ``component`` can hold a model whose class implies ``guess``."""
+    if guess == "text_encoder":
+        return component.startswith("text_encoder")
+    return component in ("unet", "transformer")
+
+
+def _loaded_from(model: nn.Module) -> str:
+    """Where from_pretrained read the model (its config's ``_name_or_path``), or "" when it was built in Python."""
+    config = getattr(model, "config", None)
+    where = (
+        config.get("_name_or_path") if isinstance(config, Mapping) else getattr(config, "_name_or_path", None)
+    )
+    return where if isinstance(where, str) else ""
+
+
+def _known_prefix(model: nn.Module) -> tuple[str, bool]:
+    """(prefix, known): the component `default_prefix` gives, and whether it is known rather than guessed."""
+    guess = _class_prefix(model)
+    where = _loaded_from(model)
+    if not guess or not where:
+        return guess, not guess
+    folder = Path(where)
+    if folder.name in COMPONENTS and _same_kind(folder.name, guess):
+        return folder.name, True  # a pipeline's from_pretrained loads each part from its component folder
+    try:  # from_pretrained(root, subfolder=...): the pipeline folder's index lists its components
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return guess, False  # a hub id, or not a pipeline folder
+    if not isinstance(index, dict):
+        return guess, False
+    candidates = [  # the components of the model's kind and class (a VAE matches none)
+        k
+        for k, v in index.items()
+        if k in COMPONENTS
+        and _same_kind(k, guess)
+        and isinstance(v, list)
+        and v[-1:] == [type(model).__name__]
+    ]
+    if len(candidates) > 1:
+        raise TsmError(
+            f"{where} has {len(candidates)} components a {type(model).__name__} can be "
+            f"({', '.join(sorted(candidates))}); pass prefix= to say which one this is"
+        )
+    return (candidates[0], True) if candidates else (guess, False)
+
+
+def default_prefix(model: nn.Module) -> str:
+    """The pipeline component name diffusers expects in the model's LoRA keys, when no ``prefix=`` is given.
+
+    A fallback for the Python API: ``tsm export`` passes the component name it loaded (``text_encoder_2``...),
+    and an explicit ``prefix=`` always wins. Without one, the folder the model was loaded from decides when it
+    can (a pipeline's from_pretrained loads ``text_encoder_2`` from ``.../text_encoder_2``; a pipeline folder
+    whose model_index.json lists one matching component); a folder with several candidates (SD3's two CLIP
+    encoders, loaded with ``subfolder=``) raises rather than guess. Otherwise the class decides: unet or
+    transformer for a diffusers model, text_encoder for a transformers one (wrong for a second or third
+    text encoder built in Python: pass ``prefix="text_encoder_2"``), "" for anything else.
+    """
+    return _known_prefix(model)[0]
 
 
 def _expert_keys(spec: ExpertSpec, scale: int | None, index: int | None) -> list[str]:
@@ -337,7 +398,14 @@ def _strip_component(keys: list[str], prefix: str | None, model: nn.Module) -> d
     components = {n.split(".", 1)[0] for n in names.values()} & set(COMPONENTS)
     if prefix == "" or (prefix is None and not components):
         return names
-    prefix = default_prefix(model) if prefix is None else prefix
+    if prefix is None:
+        prefix, known = _known_prefix(model)
+        alike = sorted(c for c in components if _same_kind(c, prefix)) if prefix else []
+        if not known and len(alike) > 1:  # e.g. text_encoder and text_encoder_2 keys for a bare CLIP model
+            raise TsmError(
+                f"the LoRA has keys of {', '.join(alike)} and nothing says which one {type(model).__name__} is; "
+                "pass prefix= to pick its component"
+            )
     ours = {k: n.removeprefix(f"{prefix}.") for k, n in names.items() if n.startswith(f"{prefix}.")}
     if not ours:
         has = f"keys of {_few(components)}" if components else "unprefixed keys"

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tsm.families import Components
 from tsm.inject import ATTR, set_timesteps
 from tsm.intervals import expert_index
+from tsm.models import Components
 
 
 class PromptEncoder:

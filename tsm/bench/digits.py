@@ -210,7 +210,7 @@ def torch_tokenize(prompts: list[str]) -> torch.Tensor:
 def train_row(row: Row, budget: Budget, base: Path, work: Path, report: Any = lambda n: None) -> Any:
     """The row's model (Components), trained. Fostered experts of 2-stage rows are cached in ``work``."""
     import tsm
-    from tsm.bench.digits_model import DigitsFamily
+    from tsm.models.digits import DigitsFamily
 
     c = DigitsFamily().load(str(base))
     if row.method == "base":

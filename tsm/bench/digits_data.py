@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tsm.errors import TsmError
+from tsm.models.digits import COLOR_WORDS, DIGIT_WORDS, TOKEN_ID, VOCAB, detokenize, tokenize  # noqa: F401 (re-exported)
 
 # Six colours whose RGB differ by at least 1 (one full channel), so a colour is read off an image exactly.
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -31,10 +32,7 @@ TEST_PER_CLASS = 40  # held-out images per digit: 400 test, 1,397 train
 SPLIT_SEED = 0
 SPLITS = ("train", "test")
 
-PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-DIGIT_WORDS = tuple(str(d) for d in range(10))
-VOCAB = [PAD, BOS, EOS, "digit", "on", *DIGIT_WORDS, *COLORS]
-TOKEN_ID = {word: i for i, word in enumerate(VOCAB)}
+assert COLORS == COLOR_WORDS, "the palette and the model's vocabulary name the same colours"
 
 
 def _check_split(split: str) -> None:
@@ -169,30 +167,6 @@ def make_target_batch(
     fg = PALETTE_RGB[[COLORS.index(c) for _, c, _ in picked]]  # (n, 3)
     bg = PALETTE_RGB[[COLORS.index(c) for _, _, c in picked]]
     return colorize(images[index], fg, bg), [target_prompt(*combo) for combo in picked]
-
-
-# ----------------------------------------------------------------------------------------------------
-# tokenizer
-# ----------------------------------------------------------------------------------------------------
-def tokenize(prompts: list[str], max_length: int = 6) -> torch.Tensor:
-    """Token ids (N, max_length): <bos> words <eos>, padded with <pad>. Words must be in VOCAB."""
-    ids = torch.full((len(prompts), max_length), TOKEN_ID[PAD], dtype=torch.long)
-    for row, text in enumerate(prompts):
-        words = text.split()
-        unknown = [w for w in words if w not in TOKEN_ID]
-        if unknown:
-            raise TsmError(f"unknown word {unknown[0]!r} in prompt {text!r}; the vocabulary is {VOCAB[3:]}")
-        if len(words) + 2 > max_length:
-            raise TsmError(f"prompt {text!r} has {len(words)} words; at most {max_length - 2} fit max_length")
-        tokens = [TOKEN_ID[BOS], *(TOKEN_ID[w] for w in words), TOKEN_ID[EOS]]
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-    return ids
-
-
-def detokenize(ids: torch.Tensor) -> list[str]:
-    """The prompts of token ids from `tokenize` (special tokens dropped)."""
-    special = {TOKEN_ID[PAD], TOKEN_ID[BOS], TOKEN_ID[EOS]}
-    return [" ".join(VOCAB[i] for i in row if i not in special) for row in ids.tolist()]
 
 
 def write_folder(root: str | Path, task: str = "post", n: int = 256, seed: int = 0) -> Path:

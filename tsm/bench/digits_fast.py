@@ -28,7 +28,7 @@ import torch
 
 import tsm
 from tsm.bench.digits import ATTN, eval_set, read_eval_png
-from tsm.bench.digits_model import BASE_DIR, DigitsFamily
+from tsm.models.digits import BASE_DIR, DigitsFamily
 
 PAPER_STEPS = (999, 749, 499, 249)
 

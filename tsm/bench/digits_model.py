@@ -6,7 +6,7 @@ The shipped weights (``assets/digits_base/``, diffusers layout) are reproduced b
 
     python -m tsm.bench.digits_model --out tsm/bench/assets/digits_base --steps 2000 --seed 0
 
-`DigitsFamily` plugs the model into `tsm.sampling.sample` (identity "VAE": it is pixel space).
+The model itself (architecture, tokenizer, `DigitsFamily`) is an ordinary family: `tsm.models.digits`.
 """
 
 from __future__ import annotations
@@ -21,78 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tsm.bench.digits_data import VOCAB, load_digit_split, make_source_batch, tokenize
-from tsm.families import ATTN, Components, Family
+from tsm.bench.digits_data import load_digit_split, make_source_batch
+from tsm.models.digits import BASE_DIR, TEXT_CONFIG, UNET_CONFIG, DigitsFamily, tokenize
 from tsm.objectives import DDPMObjective
 
-BASE_DIR = Path(__file__).parent / "assets" / "digits_base"
-UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=8,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64,
-    attention_head_dim=8,
-    norm_num_groups=16,
-)
-TEXT_CONFIG: dict[str, Any] = dict(
-    vocab_size=len(VOCAB),
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-    max_position_embeddings=8,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    # 20x CLIP's init scale: with the default (std 0.02) every prompt encodes to nearly the same vector after
-    # the final layer norm, and the UNet learns to ignore the text within a CPU budget (measured)
-    initializer_factor=20.0,
-)
+__all__ = ["BASE_DIR", "DigitsFamily", "base_available", "build_base", "pretrain_base"]
+
 CAPTION_DROPOUT = 0.1  # pretraining drops the prompt this often, for classifier-free guidance
-
-
-class DigitsFamily(Family):
-    """Pixel-space digits model: same calling convention as SD1.5, no VAE, the benchmark's tokenizer."""
-
-    name = "digits"
-    default_targets = ATTN
-    default_text_targets = ["q_proj", "v_proj"]
-
-    def load(self, path: str, revision: str | None = None, prediction_type: str | None = None) -> Components:
-        from diffusers import DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        path = str(path or BASE_DIR)  # "": the shipped base model
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        for m in (unet, text):
-            m.requires_grad_(False)
-            m.eval()
-        objective = DDPMObjective.from_scheduler(scheduler)  # with its x0 clipping, as DDIM samples
-        return Components(
-            self, unet, {"text_encoder": text}, {}, nn.Identity(), scheduler, objective, str(path)
-        )
-
-    def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
-        encoder = c.text_encoders["text_encoder"]
-        return {"encoder_hidden_states": encoder(tokenize(list(captions)).to(encoder.device))[0]}
-
-    def latent_dist(self, c: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pixels, torch.zeros_like(pixels)
-
-    def scale_latents(self, c: Components, z: torch.Tensor) -> torch.Tensor:
-        return z
-
-    def decode(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
-        return latents.clamp(-1, 1)
-
-    def latent_shape(self, c: Components, resolution: int, num_frames: int) -> tuple[int, ...]:
-        return (3, 8, 8)
 
 
 def build_base(

@@ -4,7 +4,7 @@
 and one with Stable Diffusion widths, trimmed to two levels on CPU) and, in one process, runs every variant
 of a group once per round, round after round, after a warm-up; it reports each variant's median time.
 
-training step: forward + backward + gradient clipping + fused AdamW (as tsm.recipes.train uses),
+training step: forward + backward + gradient clipping + fused AdamW (as tsm.recipes.run uses),
 a different t for every sample
     foster     experts with scales (8, 1), fostering: the batch is split over experts (a mixed batch);
                losses weighted by `expert_loss_weights`, gradients clipped by `clip_grad_norm_per_expert`

@@ -153,7 +153,7 @@ def tsm_train(
 ) -> float:
     """Steps per second of `tsm train`: its own it/s over the whole loop (first steps included, so it is a little pessimistic)."""
     from tsm.config import load_config
-    from tsm.recipes.train import train
+    from tsm.recipes.run import train
 
     overrides = [
         "model.family=sd15",

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 import tsm
-from tsm.families import Components
-from tsm.recipes.loop import autocast
-from tsm.sampling import step_to
+from tsm.models import Components
+from tsm.recipes.base import Recipe, autocast, encode_latents, register, step_generator, weight_dtype
+from tsm.sampling import sample_timesteps_list, step_to
 
 STEPS = (999, 749, 499, 249)
 
@@ -331,14 +331,22 @@ class Distiller:
 # ---------------------------------------------------------------------------------------------------------
 # `tsm train` with method: distill
 # ---------------------------------------------------------------------------------------------------------
-class DistillRecipe:
-    """The CLI's distillation run: prompts (and, in the GAN phase, real latents) from ``data.path``."""
+@register("distill")
+class DistillRecipe(Recipe):
+    """The CLI's distillation run: prompts (and, in the GAN phase, real latents) from ``data.path``; steps
+    ``0 .. train.steps - 1`` foster the per-step experts, ``train.assemble_steps`` more train the routers."""
 
-    def __init__(self, cfg: Any, c: Components, dataset: Any, cache: Any) -> None:
-        from tsm.recipes.loop import weight_dtype
+    tunes_text = False
 
+    def __init__(self, cfg: Any, c: Components, dataset: Any, cache: Any, acc: Any) -> None:
+        super().__init__(cfg, c, dataset, cache, acc)
+        if acc.num_processes > 1:
+            raise tsm.TsmError("train.method=distill runs on one process for now; launch it without torchrun")
+        if not c.objective.continuous and max(cfg.distill.timesteps) >= c.objective.num_timesteps:
+            raise tsm.TsmError(
+                f"distill.timesteps must be below the model's {c.objective.num_timesteps} training timesteps"
+            )
         d = cfg.distill
-        self.cfg, self.c, self.dataset, self.cache = cfg, c, dataset, cache
         self.distiller = Distiller(
             c,
             steps=d.timesteps,
@@ -357,6 +365,9 @@ class DistillRecipe:
             dtype=weight_dtype(cfg),
         )
 
+    def total_steps(self) -> int:
+        return self.cfg.train.steps + self.cfg.train.assemble_steps
+
     def modules(self) -> dict[str, nn.Module]:
         return {self.c.family.denoiser_subfolder: self.c.denoiser, "fake_score": self.distiller.fake}
 
@@ -365,16 +376,13 @@ class DistillRecipe:
             self.distiller.assemble()
 
     def step(self, step: int) -> dict[str, float]:
-        from tsm.data import collate
-        from tsm.recipes.loop import step_generator
-        from tsm.recipes.train import encode_latents
+        from tsm.data import collate, dataset_item
 
         cfg = self.cfg
         g = step_generator(cfg.train.seed, step)
         idx = torch.randint(len(self.dataset), (cfg.train.batch_size,), generator=g)
-        batch = collate([self.dataset[int(i)] for i in idx])
-        drop = torch.rand(len(idx), generator=g) < cfg.data.caption_dropout
-        prompts = ["" if dr else p for dr, p in zip(drop.tolist(), batch["captions"], strict=True)]
+        # the step as the epoch: each draw of an item gets its own caption dropout (done by the dataset)
+        batch = collate([dataset_item(self.dataset, int(i), step) for i in idx])
         gan = cfg.distill.gan_weight > 0 and step >= cfg.distill.gan_start
         real = None
         if gan:
@@ -384,7 +392,7 @@ class DistillRecipe:
                     for s in torch.randint(2**62, (len(idx),), generator=g)
                 ]
                 real = encode_latents(self.c, batch, self.cache, gens)
-        out = self.distiller.step(prompts, g, real=real, gan=gan)
+        out = self.distiller.step(list(batch["captions"]), g, real=real, gan=gan)
         out["loss"] = out["generator"]
         return out
 
@@ -394,14 +402,20 @@ class DistillRecipe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.distiller.load_state_dict(state)
 
-
-def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
-    """`tsm train` with ``train.method: distill``: the generator's experts (and the fake score) into output_dir."""
-    from tsm.recipes.loop import run_recipe, setup
-
-    dataset, c, cache = setup(cfg)
-    if not c.objective.continuous and max(cfg.distill.timesteps) >= c.objective.num_timesteps:
-        raise tsm.TsmError(
-            f"distill.timesteps must be below the model's {c.objective.num_timesteps} training timesteps"
-        )
-    return run_recipe(cfg, c, DistillRecipe(cfg, c, dataset, cache), resume)
+    @classmethod
+    def sample(
+        cls,
+        cfg: Any,
+        c: Components,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int,
+        guidance_scale: float,
+        resolution: int,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """The generator's own timesteps, re-noised between steps, no guidance (``steps`` is ignored)."""
+        return sample_timesteps_list(
+            c, prompts, seeds, cfg.distill.timesteps, None, renoise=True, resolution=resolution,
+            num_frames=cfg.data.num_frames,
+        )  # fmt: skip

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 import tsm
-from tsm.families import Components
-from tsm.recipes.loop import autocast
-from tsm.sampling import glance_schedule
+from tsm.errors import TsmError
+from tsm.models import Components
+from tsm.recipes.base import Recipe, autocast, encode_latents, register, step_generator, weight_dtype
+from tsm.sampling import glance_schedule, sample_timesteps_list
 
 SLOW = (1, 3, 5, 7, 9)
 FAST = (11, 21, 31, 41, 50)
@@ -121,8 +122,6 @@ class GlanceTrainer:
 
     def step(self, step: int) -> float:
         """One update; returns the mean loss."""
-        from tsm.recipes.loop import step_generator
-
         c, batch, g = self.c, self.batch, step_generator(self.seed, step)
         has_context = len(tsm.get_routing(c.denoiser).spec.scales) > 1
         dtype = torch.float32 if c.objective.continuous else torch.long
@@ -192,17 +191,33 @@ def train_glance(
 # ---------------------------------------------------------------------------------------------------------
 # `tsm train` with method: glance
 # ---------------------------------------------------------------------------------------------------------
-class GlanceRecipe:
-    """The CLI's Glance run: the first ``glance.max_pairs`` image-caption pairs of ``data.path``."""
+@register("glance")
+class GlanceRecipe(Recipe):
+    """The CLI's Glance run: the first ``glance.max_pairs`` image-caption pairs of ``data.path``; steps
+    ``0 .. train.steps - 1`` foster the phase experts, ``train.assemble_steps`` more train the router."""
 
-    def __init__(self, cfg: Any, c: Components, latents: torch.Tensor, prompts: list[str]) -> None:
-        from tsm.recipes.loop import weight_dtype
+    tunes_text = False
 
-        self.cfg, self.c = cfg, c
+    @classmethod
+    def expert_scales(cls, cfg: Any, c: Components) -> tuple:
+        cut = glance_timesteps_for(cfg, c)["cut"]  # the slow/fast cut sits on the model's reference schedule
+        return ([cut], 1) if cfg.glance.router else ([cut],)
+
+    def __init__(self, cfg: Any, c: Components, dataset: Any, cache: Any, acc: Any) -> None:
+        from tsm.data import collate
+
+        super().__init__(cfg, c, dataset, cache, acc)
+        if acc.num_processes > 1:
+            raise TsmError(
+                "train.method=glance runs on one process (a handful of pairs); launch it without torchrun"
+            )
+        batch = collate([dataset[i] for i in range(min(cfg.glance.max_pairs, len(dataset)))])
+        with torch.no_grad():  # the posterior mean of each pair: the pairs are fixed, so is their latent
+            latents = encode_latents(c, batch, cache, None)
         self.trainer = GlanceTrainer(
             c,
             latents,
-            prompts,
+            list(batch["captions"]),
             glance_timesteps_for(cfg, c),
             lr=cfg.optim.lr,
             warmup=cfg.optim.warmup_steps,
@@ -211,6 +226,9 @@ class GlanceRecipe:
             max_grad_norm=cfg.optim.max_grad_norm,
             dtype=weight_dtype(cfg),
         )
+
+    def total_steps(self) -> int:
+        return self.cfg.train.steps + self.cfg.train.assemble_steps
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {self.c.family.denoiser_subfolder: self.c.denoiser}
@@ -228,15 +246,21 @@ class GlanceRecipe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state)
 
-
-def run(cfg: Any, resume: bool = False) -> dict[str, Any]:
-    """`tsm train` with ``train.method: glance``: slow/fast phase experts (and a router) into output_dir."""
-    from tsm.data import collate
-    from tsm.recipes.loop import run_recipe, setup
-    from tsm.recipes.train import encode_latents
-
-    dataset, c, cache = setup(cfg)
-    batch = collate([dataset[i] for i in range(min(cfg.glance.max_pairs, len(dataset)))])
-    with torch.no_grad():  # the posterior mean of each pair: the pairs are fixed, so is their latent
-        latents = encode_latents(c, batch, cache, None)
-    return run_recipe(cfg, c, GlanceRecipe(cfg, c, latents, list(batch["captions"])), resume)
+    @classmethod
+    def sample(
+        cls,
+        cfg: Any,
+        c: Components,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int,
+        guidance_scale: float,
+        resolution: int,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Glance's 10 uneven steps (``steps`` is ignored: the phases list them)."""
+        ts = glance_timesteps_for(cfg, c)
+        return sample_timesteps_list(
+            c, prompts, seeds, ts["slow"] + ts["fast"], ts["final"], guidance_scale=guidance_scale,
+            resolution=resolution, num_frames=cfg.data.num_frames,
+        )  # fmt: skip

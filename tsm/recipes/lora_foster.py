@@ -1,0 +1,252 @@
+"""Plain LoRA (n=1), fostering and assembling: the diffusion loss with per-sample expert routing.
+
+    tsm train configs/sd15_foster.yaml [section.key=value ...] [--resume]
+
+Every random draw of a step (its samples, timesteps, expert scales, noise) comes from generators seeded by
+(seed, step) over the *global* batch, and each process takes its slice. The denoiser and text encoders are
+handed to `accelerator.prepare` (DDP with ``find_unused_parameters``): an expert that no sample of the global
+batch was routed to keeps ``grad None`` on every process, so AdamW leaves it and its state alone, and the
+loss is each expert's own mean over the global batch (`tsm.expert_loss_weights`' rule), so fostering all
+experts together equals fostering them one by one.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tsm import io
+from tsm.errors import TsmError
+from tsm.grads import clip_grad_norm_per_expert
+from tsm.inject import adapter_params, get_routing, set_stage, set_timesteps
+from tsm.intervals import expert_index
+from tsm.recipes.base import (
+    DiffusionLoss,
+    Recipe,
+    encode_latents,
+    expert_modules,
+    register,
+    step_generator,
+)
+
+
+@register("lora", "foster", "assemble")
+class LoraFosterRecipe(Recipe):
+    """``lora``: one expert over all t. ``foster``: every expert of ``experts.scales`` in one run (or one
+    with ``train.only_expert``). ``assemble``: the fostered experts frozen, only the routers train."""
+
+    @classmethod
+    def expert_scales(cls, cfg: Any, c: Any) -> tuple:
+        return (1,) if cfg.train.method == "lora" else super().expert_scales(cfg, c)
+
+    def __init__(self, cfg: Any, c: Any, dataset: Any, cache: Any, acc: Any) -> None:
+        super().__init__(cfg, c, dataset, cache, acc)
+        tc = cfg.train
+        if tc.method == "assemble":
+            load_fostered(c, Path(tc.experts_from))
+        self.batch = self.global_batch()
+        world = acc.num_processes
+        if self.batch % (tc.grad_accum * world):
+            raise TsmError(
+                f"the global batch ({self.batch}) must be divisible by train.grad_accum x processes = "
+                f"{tc.grad_accum * world}"
+            )
+        self.micro = self.batch // tc.grad_accum
+        self.local = self.micro // world
+        self.model = acc.prepare(DiffusionLoss(c))  # DDP when there are several processes
+        self.opt, self.sched = make_optimizer(cfg, c, acc)
+        self.ema = make_ema(cfg, c)
+        from tsm.data import step_loader
+
+        self.loader = step_loader(
+            dataset, cfg, self.batch, self.micro, self.local, acc.process_index, self.total_steps()
+        )
+        self.batches: Any = None
+
+    def global_batch(self) -> int:
+        """Samples per step over all processes: ``batch_size``, or per expert with ``batch_per_expert``."""
+        tc = self.cfg.train
+        if tc.batch_per_expert and tc.method == "foster" and tc.only_expert is None:
+            return tc.batch_size * get_routing(self.c.denoiser).spec.num_experts
+        return tc.batch_size
+
+    # --- draws -----------------------------------------------------------------------------------------
+    def draws(self, step: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Per-sample timesteps, expert scales and loss weights of the global batch of one step, and a seed
+        for the rest (noise, dropout): the same on every process."""
+        cfg, c = self.cfg, self.c
+        g = step_generator(cfg.train.seed, step)
+        spec = get_routing(c.denoiser).spec
+        m = len(spec.scales)
+        only = cfg.train.only_expert
+        if cfg.train.method == "foster" and only is not None:
+            scale, index = only
+            if not 0 <= scale < m or not 0 <= index < spec.experts_per_scale[scale]:
+                raise TsmError(f"train.only_expert={only} is not an expert of scales {list(spec.scales)}")
+            t = c.objective.sample_t(self.batch, g, expert=(spec.scales[scale], index))
+            scales = torch.full((self.batch,), scale)
+        elif self.batch != cfg.train.batch_size:  # batch_per_expert: a block of batch_size per expert
+            n = cfg.train.batch_size
+            blocks = [
+                (s, c.objective.sample_t(n, g, expert=(spec.scales[s], i)))
+                for s in range(m)
+                for i in range(spec.experts_per_scale[s])
+            ]
+            t = torch.cat([tb for _, tb in blocks])
+            scales = torch.cat([torch.full((n,), s) for s, _ in blocks])
+        else:
+            t = c.objective.sample_t(self.batch, g)
+            scales = torch.arange(self.batch) % m  # sample b fosters scale b % m
+        if cfg.train.method == "assemble":
+            weights = torch.full((self.batch,), 1.0 / self.batch)  # one mixture: the plain mean
+        else:  # each expert's own mean loss (see tsm.expert_loss_weights)
+            ids = self.expert_ids(t, scales)
+            weights = 1.0 / torch.bincount(ids)[ids].float()
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        return {"t": t, "scales": scales, "weights": weights}, seed
+
+    def expert_ids(self, t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The global id of the expert each sample trains (its scale's interval, offset by the scale)."""
+        routing = get_routing(self.c.denoiser)
+        spec = routing.spec
+        offsets = torch.tensor(routing.offsets)  # global id of each scale's first expert
+        per_scale = torch.stack([expert_index(t, s, spec.num_timesteps) for s in spec.scales])
+        return per_scale.gather(0, scales[None])[0] + offsets[scales]
+
+    # --- one step --------------------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        cfg, c, acc = self.cfg, self.c, self.acc
+        tc = cfg.train
+        if self.batches is None:  # the first step of this process (0, or the step resumed at)
+            self.batches = iter(self.loader(step))
+            for m in expert_modules(c).values():
+                m.train()
+        draws, seed = self.draws(step)
+        torch.manual_seed(seed + acc.process_index)  # dropout inside the model: reproducible on resume
+        self.opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(2, self.num_intervals())  # per finest interval: loss sum, count (global)
+        for k in range(tc.grad_accum):
+            lo = k * self.micro + acc.process_index * self.local  # this process's slice of the global batch
+            sl = slice(lo, lo + self.local)
+            mine = {key: v[sl] for key, v in draws.items()}
+            seeds = [seed + b for b in range(lo, lo + self.local)]  # one generator per sample
+            sync = k == tc.grad_accum - 1
+            with acc.no_sync(self.model) if not sync else nullcontext():
+                loss, per_sample = self.micro_step(next(self.batches), mine, seeds)
+                acc.backward(loss)
+            interval = expert_index(
+                mine["t"], get_routing(c.denoiser).spec.scales[0], c.objective.num_timesteps
+            )
+            sums[0].index_add_(0, interval, per_sample.detach().float().cpu())
+            sums[1].index_add_(0, interval, torch.ones(len(interval)))
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
+        total = float(sums[0].sum() / self.batch)
+        if torch.isfinite(torch.tensor(total)):
+            if cfg.optim.max_grad_norm is not None:
+                acc.unscale_gradients()  # fp16: clip the true gradients
+                for module in expert_modules(c).values():
+                    clip_grad_norm_per_expert(module, cfg.optim.max_grad_norm)
+            self.opt.step()
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.step(self.ema_params())
+        out = {"loss": total, "lr": self.sched.get_last_lr()[0]}
+        for i, (s, n) in enumerate(sums.T.tolist()):
+            if n:
+                out[f"loss/interval_{i}"] = s / n  # which expert is under-trained
+        return out
+
+    def num_intervals(self) -> int:
+        return get_routing(self.c.denoiser).spec.experts_per_scale[0]
+
+    def micro_step(self, batch: dict, draws: dict, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward one micro-batch. Returns its share of the global loss (the per-expert weighted sum times
+        the number of processes, since DDP averages gradients) and its per-sample losses (to log)."""
+        c, acc = self.c, self.acc
+        gens = [torch.Generator().manual_seed(s) for s in seeds]  # a sample's noise ignores its batch
+        with torch.no_grad():
+            latents = encode_latents(c, batch, self.cache, gens).to(acc.device)
+        t = draws["t"].to(acc.device)
+        for name, module in expert_modules(c).items():
+            get_routing(module).foster_scales = draws["scales"].to(acc.device)
+            if name != c.family.denoiser_subfolder:  # text encoders follow the sample's t
+                set_timesteps(module, t)
+        noise = c.objective.draw_noise(tuple(latents.shape[1:]), gens).to(acc.device)
+        with acc.autocast():
+            per_sample = self.model(latents, noise, t, batch["captions"])
+        weighted = (draws["weights"].to(acc.device) * per_sample).sum() * acc.num_processes
+        return weighted, per_sample
+
+    # --- EMA and state -----------------------------------------------------------------------------------
+    def ema_params(self) -> list[nn.Parameter]:
+        return [p for m in expert_modules(self.c).values() for p in adapter_params(m)]
+
+    def finish(self) -> None:
+        """With EMA on, the run's final adapters are the averaged ones (as diffusers' scripts save them)."""
+        if self.ema is not None:
+            self.ema.copy_to(self.ema_params())
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+def load_fostered(c: Any, source: Path) -> None:
+    """Load the experts of a fostered run (its dir, or the denoiser's experts file), frozen: stage assemble."""
+    for name, module in expert_modules(c).items():
+        if not source.is_dir() and name != c.family.denoiser_subfolder:
+            continue  # a single file holds the denoiser's experts only
+        io.load(module, source / f"{name}.safetensors" if source.is_dir() else source, experts_only=True)
+        set_stage(module, "assemble")
+
+
+def make_optimizer(cfg: Any, c: Any, acc: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the adapters (text encoders with their own lr / weight decay) and diffusers' LR schedule."""
+    from diffusers.optimization import get_scheduler
+
+    groups = []
+    for name, module in expert_modules(c).items():
+        params = adapter_params(module)
+        if not params:
+            continue
+        text = name != c.family.denoiser_subfolder
+        o = cfg.optim
+        lr = o.text_lr if text and o.text_lr is not None else o.lr
+        wd = o.text_weight_decay if text and o.text_weight_decay is not None else o.weight_decay
+        groups.append({"params": params, "lr": lr, "weight_decay": wd})
+    # fused AdamW: one kernel for the many small per-expert tensors (adapters are float32)
+    fused = acc.device.type in ("cpu", "cuda")
+    opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
+    opt = acc.prepare(opt)
+    sched = get_scheduler(
+        cfg.optim.lr_scheduler,
+        opt,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=cfg.train.steps,
+        num_cycles=cfg.optim.lr_num_cycles,
+        power=cfg.optim.lr_power,
+    )
+    return opt, sched
+
+
+def make_ema(cfg: Any, c: Any) -> Any:
+    """diffusers' EMAModel over the adapters, or None (``optim.ema_decay`` unset)."""
+    if cfg.optim.ema_decay is None:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    params = [p for m in expert_modules(c).values() for p in adapter_params(m)]
+    return EMAModel(params, decay=cfg.optim.ema_decay)

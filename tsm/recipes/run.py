@@ -1,0 +1,346 @@
+"""The one run loop: every method (`tsm.recipes.base.RECIPES`) trains through `train`.
+
+    tsm train CONFIG [section.key=value ...] [--resume]
+    torchrun --nproc_per_node N -m tsm.cli train CONFIG        (or: accelerate launch -m tsm.cli train CONFIG)
+
+The loop owns what every method needs: the run directory and its config, atomic checkpoints
+(``checkpoints/step_N/``, the last ``keep_last`` kept), ``--resume`` (bit-identical to a run that never
+stopped), the NaN guard (names the step and the last good checkpoint), trackers (``Accelerator(log_with=)``),
+the loss plot, validation grids, the final adapters and ``summary.json``. The recipe owns its update.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import pkgutil
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import tsm.recipes
+from tsm import io
+from tsm.config import Config, save_config
+from tsm.errors import TsmError
+from tsm.inject import add_experts, set_stage
+from tsm.models import Components, get_family
+from tsm.recipes.base import RECIPES, Recipe, expert_modules, weight_dtype
+from tsm.spec import ExpertSpec
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+RECIPE_STATE = "recipe.pt"
+
+
+def recipe_class(method: str) -> type[Recipe]:
+    """The recipe registered for ``train.method``; every module of `tsm.recipes` is imported to find it."""
+    for module in pkgutil.iter_modules(tsm.recipes.__path__):  # each @register runs once (cached imports)
+        importlib.import_module(f"tsm.recipes.{module.name}")
+    if method not in RECIPES:
+        raise TsmError(f"unknown train.method {method!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[method]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------------
+def load_components(cfg: Config) -> Components:
+    """The config's model, loaded with from_pretrained, its objective built from ``cfg.objective``."""
+    from dataclasses import asdict
+
+    family = get_family(cfg.model.family)
+    return family.load(cfg.model.path, cfg.model.revision, cfg.model.prediction_type, asdict(cfg.objective))
+
+
+def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
+    """The ExpertSpec of every module that gets experts (denoiser; text encoders if text_targets)."""
+    family, e = c.family, cfg.experts
+    recipe = recipe_class(cfg.train.method)
+    base = ExpertSpec(
+        scales=recipe.expert_scales(cfg, c),
+        rank=e.rank,
+        alpha=e.alpha,
+        dropout=e.dropout,
+        targets=e.targets or family.default_targets,
+        router=e.router,
+        num_timesteps=c.objective.num_timesteps,
+        timestep_scale=family.timestep_scale,
+    )
+    specs = {family.denoiser_subfolder: base}
+    text_targets = family.default_text_targets if e.text_targets is None else e.text_targets
+    if recipe.tunes_text and text_targets:
+        for sub in family.text_expert_subfolders:
+            specs[sub] = replace(base, targets=list(text_targets))
+    return specs
+
+
+def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Components:
+    """Load the model, cast the frozen base, add experts (float32, seeded: the same in every process)."""
+    c = load_components(cfg)
+    c.to(device, dtype)  # the VAE stays float32: it runs once per image (or is cached)
+    modules = c.modules()
+    torch.manual_seed(cfg.train.seed)  # expert A init: the same in every process and on resume
+    for name, spec in expert_specs(cfg, c).items():
+        add_experts(modules[name], spec)
+    if cfg.train.gradient_checkpointing:
+        c.denoiser.enable_gradient_checkpointing()
+        for name in expert_specs(cfg, c):
+            if name != c.family.denoiser_subfolder:
+                modules[name].gradient_checkpointing_enable()
+    return c
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, Components]:
+    """The model of a run directory (or of one of its checkpoints), experts loaded, in the stage it trained."""
+    from tsm.config import load_config
+
+    path = Path(path)
+    run = path.parent.parent if path.parent.name == CHECKPOINTS else path
+    if not (run / "config.yaml").is_file():
+        raise TsmError(f"{path} is not a tsm run directory (no config.yaml); pass the run's output_dir")
+    cfg = load_config(run / "config.yaml")
+    c = load_components(cfg)
+    c.to(device)
+    modules = c.modules()
+    for name, spec in expert_specs(cfg, c).items():
+        add_experts(modules[name], spec)
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise TsmError(f"{file} is missing: the run has not finished; pass one of its checkpoints/step_N")
+        stage = io.load(modules[name], file).get("tsm_stage", "foster")
+        set_stage(modules[name], stage)
+    return cfg, c
+
+
+def sample_run(
+    cfg: Config,
+    c: Components,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample a trained run the way its method samples (the recipe's ``sample``)."""
+    recipe = recipe_class(cfg.train.method)
+    return recipe.sample(cfg, c, prompts, seeds, steps, guidance_scale, resolution, progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def write_checkpoint(run: Path, step: int, save: Callable[[Path], None], state: dict, keep: int) -> Path:
+    """checkpoints/step_N/ written as step_N.tmp/ then renamed: a killed run never leaves half a checkpoint.
+
+    ``save(folder)`` writes the adapters and optimizer state; ``state`` (JSON) records the step and history.
+    """
+    root = run / CHECKPOINTS
+    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    (tmp / STATE).write_text(json.dumps({**state, "step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    done = sorted(
+        p for p in (run / CHECKPOINTS).glob("step_*") if (p / STATE).is_file() and p.suffix != ".tmp"
+    )
+    return done[-1] if done else None
+
+
+def _save(recipe: Recipe, directory: Path) -> None:
+    for name, module in recipe.modules().items():
+        io.save(module, directory / f"{name}.safetensors")
+    torch.save(recipe.state_dict(), directory / RECIPE_STATE)
+
+
+def _load(recipe: Recipe, ckpt: Path) -> None:
+    for name, module in recipe.modules().items():
+        io.load(module, ckpt / f"{name}.safetensors")
+    recipe.load_state_dict(torch.load(ckpt / RECIPE_STATE, weights_only=True))  # never unpickle
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots and grids
+# ---------------------------------------------------------------------------------------------------------
+def plot_loss(history: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*history, strict=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
+    k = max(1, len(losses) // 20)
+    smooth = [
+        sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    ax.plot(steps, smooth, lw=1.5, label=f"mean of last {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def validation_grid(cfg: Config, c: Components, path: Path) -> Path | None:
+    """The validation prompts x seeds as one PNG (None when ``train.validation_prompts`` is empty)."""
+    from tsm.images import make_grid, to_pil
+
+    tc = cfg.train
+    if not tc.validation_prompts or not tc.validation_seeds:
+        return None
+    modes = {k: m.training for k, m in c.modules().items()}
+    prompts = [p for p in tc.validation_prompts for _ in tc.validation_seeds]
+    seeds = [s for _ in tc.validation_prompts for s in tc.validation_seeds]
+    images = sample_run(
+        cfg, c, prompts, seeds, tc.validation_steps, tc.guidance_scale, cfg.data.resolution, progress=False
+    )
+    for k, m in c.modules().items():
+        m.train(modes[k])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid([to_pil(x) for x in images], columns=len(tc.validation_seeds)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------------
+def make_accelerator(cfg: Config, run: Path) -> Any:
+    """Accelerate does the distribution (DDP; an expert unused in the global batch keeps grad None) and
+    the tracking."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    # accelerate keeps one global state: a later run in the same process (the benchmark's rows, a notebook)
+    # may use another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    log_with = None if cfg.train.log_with == "none" else cfg.train.log_with
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as flat scalars (what trackers accept as hyperparameters)."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return flat
+
+
+def train(cfg: Config, resume: bool = False, dataset: Any = None) -> dict[str, Any]:
+    """Run one training job with the recipe of ``train.method``; returns a summary (final loss, steps, it/s).
+
+    ``dataset``: any map-style dataset of ``{"pixels", "caption", "key"}`` items instead of ``data.path``
+    (the digits benchmark passes its in-memory tasks).
+    """
+    from tsm.data import LatentCache, load_dataset
+
+    tc = cfg.train
+    run = Path(tc.output_dir)
+    acc = make_accelerator(cfg, run)
+    world = acc.num_processes
+    recipe_cls = recipe_class(tc.method)
+    if acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+    if dataset is None:
+        dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video, seed=tc.seed)
+    c = build(cfg, acc.device, weight_dtype(cfg))
+    cache = LatentCache(Path(cfg.data.cache_dir or run / "cache"), c.model_id) if cfg.data.cache else None
+    recipe = recipe_cls(cfg, c, dataset, cache, acc)
+    total = recipe.total_steps()
+
+    start, history = 0, []
+    if resume:
+        ckpt = latest_checkpoint(run)
+        if ckpt is not None:
+            state = json.loads((ckpt / STATE).read_text())
+            start, history = state["step"], [tuple(h) for h in state["history"]]
+            recipe.begin(start - 1)  # the stage (and optimizer) the checkpoint was written in, then load it
+            _load(recipe, ckpt)
+            acc.print(f"resumed from {ckpt} at step {start}")
+        else:
+            acc.print(f"no checkpoint in {run / CHECKPOINTS}; starting from step 0")
+    if acc.is_main_process and tc.log_with != "none":
+        acc.init_trackers("tsm", config=_flat_config(cfg))
+    bar = tqdm(
+        range(start, total), initial=start, total=total, desc=tc.method, disable=not acc.is_main_process
+    )
+    t0, last_good = time.perf_counter(), latest_checkpoint(run)
+    for step in bar:
+        recipe.begin(step)
+        losses = recipe.step(step)
+        loss = losses["loss"]
+        if not math.isfinite(loss):
+            keep = (
+                f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            )
+            raise TsmError(
+                f"loss became {loss} at step {step + 1}; stopped, {keep} (resume with --resume after lowering optim.lr)"
+            )
+        history.append((step + 1, loss))
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if tc.log_with != "none" and (step + 1) % tc.log_every == 0:
+            acc.log({f"train/{k}": v for k, v in losses.items()}, step=step + 1)
+        if (
+            acc.is_main_process
+            and tc.validate_every
+            and (step + 1) % tc.validate_every == 0
+            and step + 1 < total
+        ):
+            validation_grid(cfg, c, run / "samples" / f"step_{step + 1:07d}.png")
+        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
+            if acc.is_main_process:
+                state = {"history": history}
+                last_good = write_checkpoint(run, step + 1, lambda d: _save(recipe, d), state, tc.keep_last)
+                plot_loss(history, run / "loss.png")
+            acc.wait_for_everyone()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    recipe.finish()
+    summary: dict[str, Any] = {"steps": total, "start": start, "seconds": seconds, "processes": world}
+    if world > 1:  # every process must end with the same adapters
+        params = [p for m in expert_modules(c).values() for p in m.parameters() if p.requires_grad]
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        gathered = acc.gather(flat[None])  # (world, N)
+        summary["max_rank_difference"] = float((gathered - gathered[0]).abs().max())
+    summary["it_per_s"] = (total - start) / seconds if seconds > 0 else math.nan
+    summary["final_loss"] = history[-1][1] if history else math.nan
+    if acc.is_main_process:
+        for name, module in recipe.modules().items():
+            if name in c.modules():  # what `tsm sample` / `tsm export` read (not e.g. a fake score)
+                io.save(module, run / f"{name}.safetensors")
+        if history:
+            plot_loss(history, run / "loss.png")
+        grid = validation_grid(cfg, c, run / "samples" / "final.png")
+        summary["grid"] = str(grid) if grid else None
+        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    acc.wait_for_everyone()
+    acc.end_training()  # closes the trackers (and, with several processes, the process group)
+    return summary
