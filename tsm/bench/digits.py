@@ -150,94 +150,84 @@ def eval_set(task: str, per_prompt: int) -> tuple[list[str], list[int], torch.Te
 # ---------------------------------------------------------------------------------------------------------
 # training one row
 # ---------------------------------------------------------------------------------------------------------
-def _spec(row: Row, targets: list[str], router: str | None = None) -> Any:
-    from tsm import ExpertSpec
+class DigitsTask(torch.utils.data.Dataset):
+    """A task's training samples, drawn once: ``size`` (image, prompt) items from a generator seeded by
+    ``seed``; with ``size`` = the samples a row trains on, every training sample is a fresh draw, as the
+    task's distribution is infinite (random colours of random digits)."""
 
-    return ExpertSpec(
-        scales=row.scales, rank=row.rank, alpha=row.rank, targets=targets, router=router or row.router
+    def __init__(self, task: str, size: int, seed: int) -> None:
+        self.task = task
+        self.pixels, self.prompts = train_batch(task, size, torch.Generator().manual_seed(10_000 + seed))
+        self.keys = [f"digits:{task}:{seed}:{i}" for i in range(size)]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixels": self.pixels[index], "caption": self.prompts[index], "key": self.keys[index]}
+
+
+def row_config(row: Row, budget: Budget, base: Path, out: Path, **train: Any) -> Any:
+    """The `tsm train` config of one row's training run (method lora / foster / assemble)."""
+    from tsm.config import load_config
+
+    method = "foster" if row.method == "assemble" and "experts_from" not in train else row.method
+    steps = {"lora": budget.steps * row.step_factor, "foster": budget.steps}.get(
+        method, budget.assemble_steps
     )
-
-
-def _loop(
-    c: Any, row: Row, budget: Budget, steps: int, stratified: bool, g: torch.Generator, report: Any
-) -> None:
-    """AdamW on the adapters of the denoiser and text encoder. Stratified: every expert gets `batch` samples."""
-    import tsm
-    from tsm.intervals import sample_timesteps
-
-    unet, te = c.denoiser, c.text_encoders["text_encoder"]
-    params = tsm.adapter_params(unet) + tsm.adapter_params(te)
-    opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
-    spec = tsm.get_routing(unet).spec
-    for m in (unet, te):
-        m.train()
-    for _ in range(steps):
-        if stratified:  # (scale, interval) blocks of `batch` samples, t inside the interval
-            t, scales = [], []
-            for s, scale in enumerate(spec.scales):
-                for i in range(spec.experts_per_scale[s]):
-                    t.append(sample_timesteps(i, scale, budget.batch, generator=g))
-                    scales.append(torch.full((budget.batch,), s))
-            t, scales = torch.cat(t), torch.cat(scales)
-        else:
-            t = torch.randint(0, 1000, (budget.batch,), generator=g)
-            scales = torch.zeros(budget.batch, dtype=torch.long)
-        pixels, prompts = train_batch(row.task, len(t), g)
-        noise = torch.randn(pixels.shape, generator=g)
-        for m in (unet, te):
-            tsm.get_routing(m).foster_scales = scales
-        tsm.set_timesteps(te, t)
-        emb = te(torch_tokenize(prompts))[0]
-        pred = unet(c.objective.noisy(pixels, noise, t), t, encoder_hidden_states=emb).sample
-        per_sample = c.objective.loss(pred, pixels, noise, t)
-        loss = (
-            (per_sample * (1.0 / budget.batch)).sum() if stratified else per_sample.mean()
-        )  # each expert's mean
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for m in (unet, te):
-            tsm.clip_grad_norm_per_expert(m, 1.0)
-        opt.step()
-        report(len(t))
-
-
-def torch_tokenize(prompts: list[str]) -> torch.Tensor:
-    from tsm.bench.digits_data import tokenize
-
-    return tokenize(list(prompts))
+    overrides = {
+        "model.family": "digits",
+        "model.path": str(base),
+        "experts.scales": list(row.scales),
+        "experts.rank": row.rank,
+        "experts.alpha": row.rank,
+        "experts.targets": ATTN,
+        "experts.text_targets": TEXT_TARGETS,
+        "experts.router": row.router,
+        "data.cache": False,
+        "optim.lr": budget.lr,
+        "optim.weight_decay": 0.0,
+        "optim.max_grad_norm": 1.0,
+        "train.method": method,
+        "train.steps": steps,
+        "train.batch_size": budget.batch,
+        "train.batch_per_expert": method == "foster",  # the paper's bookkeeping: every expert gets `batch`
+        "train.seed": row.seed,
+        "train.output_dir": str(out),
+        "train.checkpoint_every": steps,
+        "train.keep_last": 1,
+        "train.log_with": "none",
+        "train.validation_prompts": [],
+        **{f"train.{k}": v for k, v in train.items()},
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
 def train_row(row: Row, budget: Budget, base: Path, work: Path, report: Any = lambda n: None) -> Any:
-    """The row's model (Components), trained. Fostered experts of 2-stage rows are cached in ``work``."""
-    import tsm
+    """The row's model (Components), trained through `tsm train`'s own loop and recipes; the fostered
+    experts of 2-stage rows are one run in ``work``, reused by every router variant."""
     from tsm.models.digits import DigitsFamily
+    from tsm.recipes.run import load_run, train
 
-    c = DigitsFamily().load(str(base))
     if row.method == "base":
-        return c
-    unet, te = c.denoiser, c.text_encoders["text_encoder"]
-    torch.manual_seed(row.seed)
-    tsm.add_experts(unet, _spec(row, ATTN))
-    tsm.add_experts(te, _spec(row, TEXT_TARGETS))
-    g = torch.Generator().manual_seed(10_000 + row.seed)
-    if row.method == "lora":
-        _loop(c, row, budget, budget.steps * row.step_factor, stratified=False, g=g, report=report)
-        return c
-    cached = work / f"fostered_{row.task}_{'-'.join(map(str, row.scales))}_seed{row.seed}"
-    if row.method == "assemble" and (cached / "unet.safetensors").is_file():
-        tsm.load(unet, cached / "unet.safetensors", experts_only=True)
-        tsm.load(te, cached / "text_encoder.safetensors", experts_only=True)
-        report(budget.steps * budget.batch * sum(row.scales))
-    else:
-        _loop(c, row, budget, budget.steps, stratified=True, g=g, report=report)
-        if row.method == "assemble":
-            tsm.save(unet, cached / "unet.safetensors")
-            tsm.save(te, cached / "text_encoder.safetensors")
+        return DigitsFamily().load(str(base))
+    slug = eval_png(Path(""), row).stem
+    run = work / slug
     if row.method == "assemble":
-        for m in (unet, te):
-            tsm.set_stage(m, "assemble")
-        _loop(c, row, budget, budget.assemble_steps, stratified=False, g=g, report=report)
-    return c
+        fostered = work / f"fostered_{row.task}_{'-'.join(map(str, row.scales))}_seed{row.seed}"
+        foster_row = replace(row, method="foster", router="asymmetric")
+        if not (fostered / "summary.json").is_file():  # shared by the router variants of the same scales
+            cfg = row_config(foster_row, budget, base, fostered)
+            train(cfg, dataset=DigitsTask(row.task, row_units(foster_row, budget), row.seed), progress=False)
+        report(row_units(foster_row, budget))
+        cfg = row_config(row, budget, base, run, experts_from=str(fostered))
+        size = budget.assemble_steps * budget.batch
+    else:
+        cfg = row_config(row, budget, base, run)
+        size = row_units(row, budget)
+    train(cfg, dataset=DigitsTask(row.task, size, row.seed), progress=False)
+    report(size)
+    return load_run(run)[1]
 
 
 def trainable_params(row: Row, c: Any) -> tuple[int, int]:

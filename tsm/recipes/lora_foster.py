@@ -71,7 +71,7 @@ class LoraFosterRecipe(Recipe):
         """Samples per step over all processes: ``batch_size``, or per expert with ``batch_per_expert``."""
         tc = self.cfg.train
         if tc.batch_per_expert and tc.method == "foster" and tc.only_expert is None:
-            return tc.batch_size * get_routing(self.c.denoiser).spec.num_experts
+            return tc.batch_size * sum(get_routing(self.c.denoiser).spec.experts_per_scale)
         return tc.batch_size
 
     # --- draws -----------------------------------------------------------------------------------------

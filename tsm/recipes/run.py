@@ -253,7 +253,7 @@ def _flat_config(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-def train(cfg: Config, resume: bool = False, dataset: Any = None) -> dict[str, Any]:
+def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool = True) -> dict[str, Any]:
     """Run one training job with the recipe of ``train.method``; returns a summary (final loss, steps, it/s).
 
     ``dataset``: any map-style dataset of ``{"pixels", "caption", "key"}`` items instead of ``data.path``
@@ -284,7 +284,8 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None) -> dict[str, A
             start, history = state["step"], [tuple(h) for h in state["history"]]
             recipe.begin(start - 1)  # the stage (and optimizer) the checkpoint was written in, then load it
             _load(recipe, ckpt)
-            acc.print(f"resumed from {ckpt} at step {start}")
+            if progress:
+                acc.print(f"resumed from {ckpt} at step {start}")
         else:
             acc.print(f"no checkpoint in {run / CHECKPOINTS}; starting from step 0")
     if acc.is_main_process and tc.log_with != "none":
