@@ -125,6 +125,54 @@ def expert_modules(c: Components) -> dict[str, nn.Module]:
     return {k: m for k, m in c.modules().items() if getattr(m, ATTR, None) is not None}
 
 
+class SingleProcess:
+    """What the recipes use of an `accelerate.Accelerator`, for one process without one (the Python API)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def prepare(self, module: Any) -> Any:
+        return module
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+
+def prepare_for_stage(acc: Any, module: nn.Module, previous: nn.Module | None = None) -> nn.Module:
+    """``acc.prepare(module)`` (DDP with several processes) for the stage that starts now. DDP registers the
+    parameters that train when it wraps, so a stage switch (experts -> routers) wraps again; the previous
+    wrapper is released first, or its gradient hooks would keep firing."""
+    if previous is not None and previous is not module:
+        models = getattr(acc, "_models", [])
+        if previous in models:
+            models.remove(previous)
+        del previous
+        import gc
+
+        gc.collect()  # the old DDP reducer (and its hooks) goes now, not at some later collection
+    return acc.prepare(module)
+
+
+def all_reduce_grads(acc: Any, params: list[nn.Parameter]) -> None:
+    """Sum gradients over processes, for updates DDP cannot wrap (distillation: one module runs several
+    forwards per backward, and the GAN loss reaches the generator through the fake score). A parameter
+    keeps ``grad None`` only if no process gave it a gradient (an expert no sample was routed to)."""
+    if acc.num_processes == 1:
+        return
+    has = acc.reduce(torch.tensor([float(p.grad is not None) for p in params], device=acc.device), "sum")
+    live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = acc.reduce(torch.cat([p.grad.reshape(-1) for p in live]), "sum")
+    offset = 0
+    for p in live:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
 def local_slice(acc: Any, batch: int) -> slice:
     """This process's contiguous share of a global batch."""
     world = acc.num_processes

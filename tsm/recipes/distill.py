@@ -34,7 +34,17 @@ from torch import nn
 
 import tsm
 from tsm.models import Components
-from tsm.recipes.base import Recipe, autocast, encode_latents, register, step_generator, weight_dtype
+from tsm.recipes.base import (
+    Recipe,
+    SingleProcess,
+    all_reduce_grads,
+    autocast,
+    encode_latents,
+    local_slice,
+    register,
+    step_generator,
+    weight_dtype,
+)
 from tsm.sampling import sample_timesteps_list, step_to
 
 STEPS = (999, 749, 499, 249)
@@ -64,16 +74,21 @@ def generator_input(
     steps: Sequence[int],
     gen: torch.Generator,
     dtype: torch.dtype | None = None,
+    draw: Callable[[Sequence[int], torch.Generator], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Backward simulation: the input of generator step ``step``, made by the generator's own first steps."""
+    """Backward simulation: the input of generator step ``step``, made by the generator's own first steps.
+
+    ``draw(shape, gen)`` makes the re-noising draws (default: ``randn`` on the CPU, moved to x's device); a
+    multi-process run draws the global batch's and keeps its own rows.
+    """
     x = noise
+    draw = draw or (lambda shape, g: torch.randn(tuple(shape), generator=g).to(x.device))
     with torch.no_grad():
         for k in range(step):
             t = _timesteps(c, steps[k], len(x))
             with autocast(c, dtype):
                 pred = c.family.denoise(c, x, t, cond).float()
-            renoise = torch.randn(x.shape, generator=gen).to(x.device)
-            x = step_to(c.objective, pred, x, t, steps[k + 1], renoise)
+            x = step_to(c.objective, pred, x, t, steps[k + 1], draw(x.shape, gen))
     return x
 
 
@@ -152,8 +167,12 @@ class Distiller:
         resolution: int = 512,
         num_frames: int = 16,
         dtype: torch.dtype | None = None,
+        acc: Any = None,
     ) -> None:
         self.resolution, self.num_frames = resolution, num_frames  # of generated samples (pixels, frames)
+        # with an Accelerator each process takes its rows of every global draw and the gradients are summed
+        self.acc = acc or SingleProcess(next(c.denoiser.parameters()).device)
+        self.n, self.rows = 0, slice(None)  # the step's global batch and this process's rows (set by `step`)
         self.dtype = dtype  # mixed precision of the forward passes (None: float32)
         self.device = next(c.denoiser.parameters()).device
         self.c, self.steps, self.guidance, self.fake_updates = c, list(steps), guidance, fake_updates
@@ -178,9 +197,11 @@ class Distiller:
         feature_module(self.fake).register_forward_hook(self.capture)
         self.head = self._make_head()
         self.opt = self._generator_optimizer()
-        self.fake_opt = torch.optim.AdamW(
-            [*tsm.adapter_params(self.fake), *self.head.parameters()], lr=fake_lr, weight_decay=0.0
-        )
+        self.fake_opt = torch.optim.AdamW(self.fake_params(), lr=fake_lr, weight_decay=0.0)
+
+    def fake_params(self) -> list[nn.Parameter]:
+        """What the fake-score updates train: its LoRA and the GAN head."""
+        return [*tsm.adapter_params(self.fake), *self.head.parameters()]
 
     def _make_head(self) -> GanHead:
         """Size the head from one forward of the fake score on a dummy batch."""
@@ -212,7 +233,9 @@ class Distiller:
             return c.family.encode_prompt(c, prompts)
 
     def _randn(self, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=gen).to(self.device)  # CPU draws: the same on any device
+        """This process's rows of a draw for the global batch (CPU draws: the same on any device)."""
+        shape = (self.n, *shape[1:])  # the global batch
+        return torch.randn(shape, generator=gen)[self.rows].to(self.device)
 
     def real_score(self, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
         """x0 of the frozen teacher with guidance: the generator's module with its experts off."""
@@ -223,7 +246,7 @@ class Distiller:
             return c.objective.split(c.family.guide(pu, pc, self.guidance), x, t)[0]
 
     def _noise_level(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        t = torch.randint(*self.t_range, (n,), generator=gen)
+        t = torch.randint(*self.t_range, (self.n,), generator=gen)[self.rows]
         return (t.float() if self.c.objective.continuous else t).to(self.device)
 
     def _logit(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -244,11 +267,17 @@ class Distiller:
         ``gan=True`` adds the GAN losses of the second phase; ``real`` is then a batch of real latents whose
         captions are ``prompts``.
         """
-        c, obj, unet = self.c, self.c.objective, self.c.denoiser
+        c, obj, unet, acc = self.c, self.c.objective, self.c.denoiser, self.acc
         gan = gan and self.gan_weight > 0
         if gan and (real is None or len(real) != len(prompts)):
             raise ValueError("the GAN phase needs the real latents of the prompts' images (real=...)")
-        n = len(prompts)
+        self.n, self.rows = len(prompts), local_slice(acc, len(prompts))  # global batch, this process's rows
+        prompts = prompts[self.rows]
+        real = real[self.rows] if real is not None else None
+        n = len(
+            prompts
+        )  # local rows; every mean below is a share of the global batch's (summed over processes)
+        share = n / self.n
         with torch.no_grad():
             cond = self._encode(c, prompts)
             uncond = self._encode(c, [""] * n)
@@ -256,7 +285,7 @@ class Distiller:
         noise = self._randn((n, *shape), gen)
         k = int(torch.randint(len(self.steps), (1,), generator=gen))
         unet.train()  # the simulation routes each sample as the update does (and never merges weights)
-        x_k = generator_input(c, k, noise, cond, self.steps, gen, self.dtype)
+        x_k = generator_input(c, k, noise, cond, self.steps, gen, self.dtype, draw=self._randn)
         t_k = _timesteps(c, self.steps[k], n)
         x0 = obj.split(self._denoise(c, x_k, t_k, cond), x_k, t_k)[0]  # the generator's output, with grad
 
@@ -270,17 +299,18 @@ class Distiller:
         weight = (x0.detach() - real_x0).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True)
         grad = (fake_x0 - real_x0) / weight.clamp_min(1e-4)
         target = (x0 - grad).detach()
-        dm_loss = 0.5 * (x0 - target).square().flatten(1).mean(1).mean()
+        dm_loss = 0.5 * (x0 - target).square().flatten(1).mean(1).mean() * share
         gen_loss = dm_loss
         out: dict[str, float] = {"step": k, "dm": dm_loss.item()}
         if gan:  # non-saturating GAN loss through the fake score (its weights get no update from it)
             t_g = self._noise_level(n, gen)
             logit = self._logit(obj.noisy(x0, self._randn(x0.shape, gen), t_g), t_g, cond)
-            gan_loss = nn.functional.softplus(-logit).mean()
+            gan_loss = nn.functional.softplus(-logit).mean() * share
             gen_loss = gen_loss + self.gan_weight * gan_loss
             out["gan_generator"] = gan_loss.item()
         self.opt.zero_grad(set_to_none=True)
         gen_loss.backward()
+        all_reduce_grads(acc, tsm.adapter_params(unet))
         if self.max_grad_norm is not None:
             tsm.clip_grad_norm_per_expert(unet, self.max_grad_norm)
         self.opt.step()
@@ -290,27 +320,34 @@ class Distiller:
         self.fake.train()
         fake_losses, disc_losses = [], []
         for _ in range(self.fake_updates):
-            t_f = obj.sample_t(n, gen).to(self.device)
+            t_f = obj.sample_t(self.n, gen)[self.rows].to(self.device)
             eps = self._randn(x0.shape, gen)
             pred = self._denoise(self.fake_c, obj.noisy(x0.detach(), eps, t_f), t_f, cond)
-            loss = obj.loss(pred, x0.detach(), eps, t_f).mean()
+            loss = obj.loss(pred, x0.detach(), eps, t_f).mean() * share
             fake_losses.append(loss.item())
             if gan:  # the head: generated (features of the pass above) vs noisy real latents
                 fake_logit = self.head(self.capture.out)
                 t_r = self._noise_level(n, gen)
                 real_noisy = obj.noisy(real.to(self.device), self._randn(real.shape, gen), t_r)
                 real_logit = self._logit(real_noisy, t_r, cond)
-                disc = nn.functional.softplus(fake_logit).mean() + nn.functional.softplus(-real_logit).mean()
+                disc = (
+                    nn.functional.softplus(fake_logit).mean() + nn.functional.softplus(-real_logit).mean()
+                ) * share
                 loss = loss + self.gan_disc_weight * disc
                 disc_losses.append(disc.item())
             self.fake_opt.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_grads(acc, self.fake_params())
             self.fake_opt.step()
         out["fake"] = sum(fake_losses) / len(fake_losses)
         if disc_losses:
             out["gan_head"] = sum(disc_losses) / len(disc_losses)
         if report is not None:
             report(n)
+        if acc.num_processes > 1:  # every loss above is this process's share of the global mean
+            keys = [k for k in out if k != "step"]
+            total = acc.reduce(torch.tensor([out[k] for k in keys], device=self.device), "sum")
+            out.update(zip(keys, total.tolist(), strict=True))
         return out
 
     # --- checkpoints -----------------------------------------------------------------------------------
@@ -340,8 +377,6 @@ class DistillRecipe(Recipe):
 
     def __init__(self, cfg: Any, c: Components, dataset: Any, cache: Any, acc: Any) -> None:
         super().__init__(cfg, c, dataset, cache, acc)
-        if acc.num_processes > 1:
-            raise tsm.TsmError("train.method=distill runs on one process for now; launch it without torchrun")
         if not c.objective.continuous and max(cfg.distill.timesteps) >= c.objective.num_timesteps:
             raise tsm.TsmError(
                 f"distill.timesteps must be below the model's {c.objective.num_timesteps} training timesteps"
@@ -363,6 +398,7 @@ class DistillRecipe(Recipe):
             resolution=cfg.data.resolution,
             num_frames=cfg.data.num_frames,
             dtype=weight_dtype(cfg),
+            acc=acc,
         )
 
     def total_steps(self) -> int:

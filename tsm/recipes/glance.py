@@ -19,9 +19,19 @@ from typing import Any
 import torch
 
 import tsm
-from tsm.errors import TsmError
 from tsm.models import Components
-from tsm.recipes.base import Recipe, autocast, encode_latents, register, step_generator, weight_dtype
+from tsm.recipes.base import (
+    DiffusionLoss,
+    Recipe,
+    SingleProcess,
+    autocast,
+    encode_latents,
+    local_slice,
+    prepare_for_stage,
+    register,
+    step_generator,
+    weight_dtype,
+)
 from tsm.sampling import glance_schedule, sample_timesteps_list
 
 SLOW = (1, 3, 5, 7, 9)
@@ -92,8 +102,11 @@ class GlanceTrainer:
         seed: int = 0,
         max_grad_norm: float | None = 1.0,
         dtype: torch.dtype | None = None,
+        acc: Any = None,
     ) -> None:
         self.device = next(c.denoiser.parameters()).device
+        self.acc = acc or SingleProcess(self.device)  # an Accelerator spreads each step over its processes
+        self.model: Any = None
         self.dtype = dtype  # mixed precision of the forward pass (None: float32)
         self.c, self.latents, self.prompts, self.timesteps = c, latents.float(), list(prompts), timesteps
         self.lr, self.warmup, self.batch, self.seed, self.max_grad_norm = (
@@ -115,6 +128,7 @@ class GlanceTrainer:
         for m in self.modules:
             tsm.set_stage(m, stage)
             m.train()
+        self.model = prepare_for_stage(self.acc, DiffusionLoss(self.c), self.model)
         params = [p for m in self.modules for p in tsm.adapter_params(m)]
         self.opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         warm = max(1, self.warmup)
@@ -136,18 +150,19 @@ class GlanceTrainer:
         t, scales = torch.cat(t_parts).to(dtype), torch.cat(scale_parts)
         pick = torch.randint(len(self.prompts), (len(t),), generator=g)
         x0, caps = self.latents[pick], [self.prompts[i] for i in pick.tolist()]
-        noise = torch.randn(x0.shape, generator=g)  # CPU draws: the same on any device
-        t, x0, noise = t.to(self.device), x0.to(self.device), noise.to(self.device)
+        noise = torch.randn(x0.shape, generator=g)  # CPU draws of the global batch: the same anywhere
+        acc, n = self.acc, len(t)
+        mine = local_slice(acc, n)  # this process's share
+        t, x0, noise, scales = (v[mine].to(self.device) for v in (t, x0, noise, scales))
         for m in self.modules:
             tsm.get_routing(m).foster_scales = scales
         for m in self.modules[1:]:
             tsm.set_timesteps(m, t)
         with autocast(c, self.dtype):
-            cond = c.family.encode_prompt(c, caps)
-            pred = c.family.denoise(c, c.objective.noisy(x0, noise, t), t, cond).float()
-        per_sample = c.objective.loss(pred, x0, noise, t)
-        # fostering: each expert's own mean (every expert gets `batch` samples); assembling: the plain mean
-        loss = per_sample.sum() / batch if self.stage == "foster" else per_sample.mean()
+            per_sample = self.model(x0, noise, t, caps[mine])  # (local B,)
+        # fostering: each expert's own mean (every expert gets `batch` samples); assembling: the plain mean.
+        # Times the processes: DDP averages the gradients of the processes' partial sums
+        loss = per_sample.sum() / (batch if self.stage == "foster" else n) * acc.num_processes
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm is not None:
@@ -155,7 +170,7 @@ class GlanceTrainer:
                 tsm.clip_grad_norm_per_expert(m, self.max_grad_norm)
         self.opt.step()
         self.sched.step()
-        return float(per_sample.detach().mean())
+        return float(acc.reduce(per_sample.detach().sum(), reduction="sum")) / n
 
     def state_dict(self) -> dict[str, Any]:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
@@ -207,10 +222,6 @@ class GlanceRecipe(Recipe):
         from tsm.data import collate
 
         super().__init__(cfg, c, dataset, cache, acc)
-        if acc.num_processes > 1:
-            raise TsmError(
-                "train.method=glance runs on one process (a handful of pairs); launch it without torchrun"
-            )
         batch = collate([dataset[i] for i in range(min(cfg.glance.max_pairs, len(dataset)))])
         with torch.no_grad():  # the posterior mean of each pair: the pairs are fixed, so is their latent
             latents = encode_latents(c, batch, cache, None)
@@ -225,6 +236,7 @@ class GlanceRecipe(Recipe):
             seed=cfg.train.seed,
             max_grad_norm=cfg.optim.max_grad_norm,
             dtype=weight_dtype(cfg),
+            acc=acc,
         )
 
     def total_steps(self) -> int:

@@ -291,7 +291,11 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
     if acc.is_main_process and tc.log_with != "none":
         acc.init_trackers("tsm", config=_flat_config(cfg))
     bar = tqdm(
-        range(start, total), initial=start, total=total, desc=tc.method, disable=not acc.is_main_process
+        range(start, total),
+        initial=start,
+        total=total,
+        desc=tc.method,
+        disable=not (progress and acc.is_main_process),
     )
     t0, last_good = time.perf_counter(), latest_checkpoint(run)
     for step in bar:
