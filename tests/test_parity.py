@@ -181,7 +181,8 @@ def test_sd15_step_is_train_text_to_image_lora(folders, prediction_type, snr_gam
 
 @pytest.mark.parametrize("weighting", ["logit_normal", "mode", "cosmap", "sigma_sqrt"])
 def test_sd3_step_is_train_dreambooth_lora_sd3(folders, weighting):
-    """``--weighting_scheme <weighting> --precondition_outputs 0``: target noise - x0 (tsm's objective)."""
+    """``--weighting_scheme <weighting>`` with the script's default ``--precondition_outputs 1`` (tsm's sd3
+    default) and with ``--precondition_outputs 0`` (``objective.precondition_outputs=false``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
@@ -218,20 +219,32 @@ def test_sd3_step_is_train_dreambooth_lora_sd3(folders, weighting):
         return loss.mean()
 
     tsm_loss = lambda: DiffusionLoss(c)(model_input, noise, timesteps, CAPTIONS)  # noqa: E731
-    ours = loss_and_grads(c, lambda: tsm_loss().mean())
     print(f"\n[parity] sd3 {weighting}: t {timesteps.tolist()}, max |t/T - script sigma| {d_sigma:.3g}")
+    assert c.objective.precondition_outputs  # the family's default is the script's
+    default = loss_and_grads(c, lambda: tsm_loss().mean())
+    assert_same(
+        f"sd3 weighting={weighting} precondition_outputs=1", default, loss_and_grads(c, lambda: script(1))
+    )
+    # the key through the config: the objective of `objective.precondition_outputs=false`
+    plain = load_components(
+        load_config(
+            None,
+            [
+                "model.family=sd3",
+                f"model.path={folders['sd3']}",
+                f"objective.weighting={weighting}",
+                "objective.precondition_outputs=false",
+            ],
+        )  # fmt: skip
+    ).objective
+    c.objective = plain
+    ours = loss_and_grads(c, lambda: tsm_loss().mean())
     assert_same(
         f"sd3 weighting={weighting} precondition_outputs=0", ours, loss_and_grads(c, lambda: script(0))
     )
-
-    # The script's default is --precondition_outputs 1: x0 = x_t - sigma v against target x0, which is
-    # sigma^2 times the loss above. tsm trains the unpreconditioned loss; this pins the relation down.
-    default = loss_and_grads(c, lambda: script(1))
-    weighted = loss_and_grads(c, lambda: (sigmas.flatten() ** 2 * tsm_loss()).mean())
-    assert_same(f"sd3 weighting={weighting} precondition_outputs=1 vs sigma^2 x tsm", weighted, default)
+    assert abs(ours[0].item() - default[0].item()) > 1e-3  # the key changes the loss
     print(
-        f"[parity] sd3 {weighting}: script default (precondition_outputs=1) loss {default[0].item():.6f} "
-        f"vs tsm {ours[0].item():.6f}"
+        f"[parity] sd3 {weighting}: loss {default[0].item():.6f} (preconditioned), {ours[0].item():.6f} (not)"
     )
 
 

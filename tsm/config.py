@@ -90,6 +90,9 @@ class ObjectiveConfig:
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (epsilon / v-prediction models)
     shift: float | None = None  # flow models: the timestep shift of training t (None: the scheduler's)
     noise_offset: float = 0.0  # offset noise: + noise_offset * N(0, 1) per sample and channel
+    # flow models: the loss on x0 = x_t - sigma * pred, i.e. times sigma^2 (train_dreambooth_lora_sd3.py's
+    # --precondition_outputs). None: the family's script default (sd3: on; flux, qwen: off)
+    precondition_outputs: bool | None = None
 
 
 @dataclass

@@ -331,7 +331,9 @@ class FlowMatchingObjective:
         noise_offset: float = 0.0,
         timesteps: torch.Tensor | None = None,
         min_snr_gamma: float | None = None,
+        precondition_outputs: bool = False,
     ) -> None:
+        self.precondition_outputs = precondition_outputs  # the SD3 script's default: the loss on x0
         if min_snr_gamma is not None:
             raise TsmError(
                 "objective.min_snr_gamma applies to epsilon/v-prediction models; "
@@ -366,6 +368,7 @@ class FlowMatchingObjective:
         shift: float | None = None,
         noise_offset: float = 0.0,
         min_snr_gamma: float | None = None,
+        precondition_outputs: bool = False,
     ) -> FlowMatchingObjective:
         """A FlowMatchEulerDiscreteScheduler's training table, as the SD3 / Flux LoRA scripts index it.
 
@@ -387,7 +390,10 @@ class FlowMatchingObjective:
                     f"{type(scheduler).__name__}'s training timesteps are not the shifted linspace of "
                     f"FlowMatchEulerDiscreteScheduler; pass shift= explicitly"
                 )
-        return cls(T, weighting, logit_mean, logit_std, shift, mode_scale, noise_offset, table, min_snr_gamma)
+        return cls(
+            T, weighting, logit_mean, logit_std, shift, mode_scale, noise_offset, table, min_snr_gamma,
+            precondition_outputs,
+        )  # fmt: skip
 
     def _shift(self, s: torch.Tensor) -> torch.Tensor:
         return self.shift * s / (1 + (self.shift - 1) * s)
@@ -444,8 +450,15 @@ class FlowMatchingObjective:
     def loss(
         self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """Per-sample loss (B,): mean over each sample of weighting * (pred - target)^2, as the SD3 script."""
+        """Per-sample loss (B,): mean over each sample of weighting * (pred - target)^2, as the SD3 script.
+
+        ``precondition_outputs`` (train_dreambooth_lora_sd3.py's default) compares x_t - sigma pred with x0
+        instead: x_t - sigma v - x0 = -sigma (v - (eps - x0)), i.e. the same loss times sigma^2 per sample.
+        """
         diff = (pred.float() - self.target(x0, noise, t).float()).square()
         if self.weighting in ("cosmap", "sigma_sqrt"):
             diff = _bcast(self.loss_weights(t).to(diff.device), diff) * diff
-        return diff.flatten(1).mean(1)
+        loss = diff.flatten(1).mean(1)
+        if self.precondition_outputs:
+            loss = loss * (t.float().to(loss.device) / self.num_timesteps).square()
+        return loss

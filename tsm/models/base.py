@@ -77,6 +77,9 @@ class Family:
     max_text_length = 77
     # the denoiser's `timestep` argument times this is t in [0, T] (1000 for t in [0, 1])
     timestep_scale = 1.0
+    # the training objective's defaults where the config leaves them None: the family's reference script's
+    default_weighting = "none"  # objective.weighting: the timestep density (diffusers' weighting_scheme)
+    default_precondition = False  # objective.precondition_outputs (flow models)
 
     @property
     def text_expert_subfolders(self) -> tuple[str, ...]:
@@ -132,10 +135,6 @@ class Family:
         """Set the sampling scheduler to ``steps`` steps (resolution-dependent shifts override this)."""
         c.scheduler.set_timesteps(steps, device=device)
 
-    default_weighting = (
-        "none"  # timestep density when objective.weighting is None (diffusers' script default)
-    )
-
     def objective(
         self, scheduler_config: Any, prediction_type: str | None, options: Mapping[str, Any] | None = None
     ) -> DDPMObjective | FlowMatchingObjective:
@@ -143,8 +142,11 @@ class Family:
         from diffusers import DDPMScheduler
 
         kw = _objective_options(options, self.default_weighting)
-        if kw.pop("shift") is not None:
-            raise TsmError("objective.shift applies to flow-matching models; leave it unset for this family")
+        for key in ("shift", "precondition_outputs"):
+            if kw.pop(key) is not None:
+                raise TsmError(
+                    f"objective.{key} applies to flow-matching models; leave it unset for this family"
+                )
         override = {"prediction_type": prediction_type} if prediction_type else {}
         return DDPMObjective.from_scheduler(DDPMScheduler.from_config(scheduler_config, **override), **kw)
 
@@ -213,6 +215,7 @@ def _objective_options(options: Mapping[str, Any] | None, default_weighting: str
     """ObjectiveConfig's fields as keyword arguments of the objectives' ``from_scheduler``."""
     kw = dict(options or {})
     kw.setdefault("shift", None)
+    kw.setdefault("precondition_outputs", None)
     if kw.get("weighting") is None:
         kw["weighting"] = default_weighting
     return kw

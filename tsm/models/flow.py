@@ -32,6 +32,8 @@ class FlowFamily(Family):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         kw = _objective_options(options, self.default_weighting)
+        if kw["precondition_outputs"] is None:
+            kw["precondition_outputs"] = self.default_precondition
         if kw.pop("min_snr_gamma", None) is not None:
             raise TsmError(
                 "objective.min_snr_gamma applies to epsilon/v-prediction models; flow models weight by objective.weighting"

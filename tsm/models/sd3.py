@@ -17,7 +17,8 @@ class SD3(FlowFamily):
     text_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_text_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
     max_t5_length = 256
-    default_weighting = "logit_normal"  # train_dreambooth_lora_sd3.py's default
+    default_weighting = "logit_normal"  # train_dreambooth_lora_sd3.py's defaults
+    default_precondition = True
 
     text_expert_subfolders = ("text_encoder", "text_encoder_2")  # the paper tunes the two CLIP encoders
 
