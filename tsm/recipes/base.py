@@ -203,9 +203,9 @@ class DiffusionLoss(nn.Module):
     per-sample diffusion loss (B,): what `accelerator.prepare` wraps, so that DDP sees every adapter of
     both (and one forward call spans them, as DDP needs to find the unused experts)."""
 
-    def __init__(self, c: Components) -> None:
+    def __init__(self, c: Components, cache: Any = None) -> None:
         super().__init__()
-        self.c = c
+        self.c, self.cache = c, cache
         self.denoiser = c.denoiser  # registered: DDP finds the adapters through these attributes
         self.text_encoders = nn.ModuleDict(
             {k: m for k, m in expert_modules(c).items() if k != c.family.denoiser_subfolder}
@@ -215,7 +215,31 @@ class DiffusionLoss(nn.Module):
         self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, captions: list[str]
     ) -> torch.Tensor:
         c = self.c
-        cond = c.family.encode_prompt(c, captions)
+        cond = self.encode(captions)
         noisy = c.objective.noisy(x0, noise, t)
         pred = c.family.denoise(c, noisy.to(c.denoiser.dtype), t, cond)
         return c.objective.loss(pred, x0, noise, t)  # (B,)
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The conditioning of the captions. Frozen text encoders (no experts) give each caption one
+        embedding for the whole run, so it is cached on disk with the latents (``data.cache``) and the
+        encoders run only for captions not seen before (T5-XXL's forward is not small)."""
+        from tsm.data import text_cache_tag
+
+        c = self.c
+        if self.cache is None or len(self.text_encoders):
+            return c.family.encode_prompt(c, captions)
+        model_id = f"{c.model_id}:{c.family.name}:{next(c.denoiser.parameters()).dtype}"
+        keys = [text_cache_tag(caption, None, model_id) for caption in captions]
+        found = {k: self.cache.get(k, "text") for k in dict.fromkeys(keys)}  # each caption once
+        missing = [k for k, e in found.items() if e is None]
+        if missing:
+            first = {k: captions[keys.index(k)] for k in missing}
+            with torch.no_grad():
+                cond = c.family.encode_prompt(c, list(first.values()))
+            for row, k in enumerate(missing):
+                # clone: a row view would keep (and write) the whole batch's storage
+                found[k] = self.cache.put(k, "text", {n: v[row].cpu().clone() for n, v in cond.items()})
+        entries = [found[k] for k in keys]
+        device = next(c.denoiser.parameters()).device
+        return {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}

@@ -57,7 +57,7 @@ class LoraFosterRecipe(Recipe):
             )
         self.micro = self.batch // tc.grad_accum
         self.local = self.micro // world
-        self.model = acc.prepare(DiffusionLoss(c))  # DDP when there are several processes
+        self.model = acc.prepare(DiffusionLoss(c, cache))  # DDP when there are several processes
         self.opt, self.sched = make_optimizer(cfg, c, acc)
         self.ema = make_ema(cfg, c)
         from tsm.data import step_loader
