@@ -177,24 +177,41 @@ def _load(recipe: Recipe, ckpt: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # plots and grids
 # ---------------------------------------------------------------------------------------------------------
-def plot_loss(history: list[tuple[int, float]], path: Path) -> None:
+def plot_loss(
+    history: list[tuple[int, float]], path: Path, curves: dict[str, list[tuple[int, float]]] | None = None
+) -> None:
+    """The loss and its running mean; with ``curves`` (``loss/<name>`` -> points, e.g. the loss of each
+    finest interval), a second panel with one smoothed line each: where an expert is under-trained."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def smooth(values: Sequence[float]) -> list[float]:
+        k = max(1, len(values) // 20)
+        return [
+            sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+            for i in range(len(values))
+        ]
+
+    curves = {k: v for k, v in (curves or {}).items() if v}
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(11 if curves else 6, 3.5), squeeze=False)
+    ax = axes[0][0]
     steps, losses = zip(*history, strict=True)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
-    k = max(1, len(losses) // 20)
-    smooth = [
-        sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    ax.plot(steps, smooth, lw=1.5, label=f"mean of last {k}")
+    ax.plot(steps, smooth(losses), lw=1.5, label=f"mean of last {max(1, len(losses) // 20)}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
+    if curves:
+        ax = axes[0][1]
+        for name, points in sorted(curves.items(), key=lambda kv: (len(kv[0]), kv[0])):  # _2 before _10
+            x, y = zip(*points, strict=True)
+            ax.plot(x, smooth(y), lw=1.2, label=name.removeprefix("loss/"))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (running mean)")
+        ax.set_title("by interval of the finest scale (t low -> high)", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -276,12 +293,13 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
     recipe = recipe_cls(cfg, c, dataset, cache, acc)
     total = recipe.total_steps()
 
-    start, history = 0, []
+    start, history, curves = 0, [], {}
     if resume:
         ckpt = latest_checkpoint(run)
         if ckpt is not None:
             state = json.loads((ckpt / STATE).read_text())
             start, history = state["step"], [tuple(h) for h in state["history"]]
+            curves = {k: [tuple(p) for p in v] for k, v in state.get("curves", {}).items()}
             recipe.begin(start - 1)  # the stage (and optimizer) the checkpoint was written in, then load it
             _load(recipe, ckpt)
             if progress:
@@ -310,6 +328,9 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
                 f"loss became {loss} at step {step + 1}; stopped, {keep} (resume with --resume after lowering optim.lr)"
             )
         history.append((step + 1, loss))
+        for k, v in losses.items():
+            if k.startswith("loss/"):
+                curves.setdefault(k, []).append((step + 1, v))
         bar.set_postfix(loss=f"{loss:.4f}")
         if tc.log_with != "none" and (step + 1) % tc.log_every == 0:
             acc.log({f"train/{k}": v for k, v in losses.items()}, step=step + 1)
@@ -322,9 +343,9 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
             validation_grid(cfg, c, run / "samples" / f"step_{step + 1:07d}.png")
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
             if acc.is_main_process:
-                state = {"history": history}
+                state = {"history": history, "curves": curves}
                 last_good = write_checkpoint(run, step + 1, lambda d: _save(recipe, d), state, tc.keep_last)
-                plot_loss(history, run / "loss.png")
+                plot_loss(history, run / "loss.png", curves)
             acc.wait_for_everyone()
     bar.close()
     seconds = time.perf_counter() - t0
@@ -342,7 +363,7 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
             if name in c.modules():  # what `tsm sample` / `tsm export` read (not e.g. a fake score)
                 io.save(module, run / f"{name}.safetensors")
         if history:
-            plot_loss(history, run / "loss.png")
+            plot_loss(history, run / "loss.png", curves)
         grid = validation_grid(cfg, c, run / "samples" / "final.png")
         summary["grid"] = str(grid) if grid else None
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
