@@ -102,3 +102,40 @@ def test_two_processes_match_one_across_the_stage_switch(method, assets, tmp_pat
     # into ~1e-5 steps (measured: one of 64 values off by 6.7e-5)
     atol = {"glance": 1e-5, "distill": 1e-4}[method]
     assert_same_weights(tmp_path / "two" / "unet.safetensors", tmp_path / "one" / "unet.safetensors", atol)
+
+
+FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
+
+
+def test_the_shipped_fsdp_config_is_an_accelerate_fsdp_config():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(FSDP))
+    assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2 and not cfg.use_cpu
+    assert FSDP.read_text().startswith("# accelerate launch --config_file configs/accelerate/fsdp.yaml")
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="FSDP needs 2 GPUs; on the CPU accelerate runs it as DDP"
+)
+def test_fsdp_run_starts_and_matches_one_process(assets, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cfg = write_config(
+        tmp_path / "fsdp.yaml", assets, "foster", train={"batch_size": 4, "mixed_precision": "no"}
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(FSDP),
+        "--mixed_precision",
+        "no",
+    ]
+    done = subprocess.run(
+        [*cmd, "-m", "tsm.cli", "train", str(cfg)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = write_config(tmp_path / "one.yaml", assets, "foster", train={"batch_size": 4})
+    assert main(["train", str(one)]) == 0
+    assert_same_weights(tmp_path / "fsdp" / "unet.safetensors", tmp_path / "one" / "unet.safetensors", 1e-4)
