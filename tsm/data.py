@@ -9,9 +9,9 @@ Folders follow the diffusers / kohya conventions, so a dataset prepared for thei
     {"file_name": "sub/b.jpg", "text": "a red bicycle"}     (one JSON object a line; "caption" works too)
 
 A ``.txt`` sidecar wins over ``metadata.jsonl``. Every random choice (crop, flip, caption dropout) is drawn
-from ``(seed, epoch, index)``, so a resumed run sees the same samples as one that never stopped; call
-``dataset.set_epoch(e)`` at the start of each epoch (before the DataLoader iterator is made: workers copy
-the dataset then, so with ``persistent_workers=True`` they would keep the old epoch).
+from ``(seed, epoch, index)``, so a resumed run sees the same samples as one that never stopped. The epoch
+can travel with the index (``dataset[(index, epoch)]``, what `step_loader` asks for, so DataLoader workers
+need no epoch of their own), or be set with ``dataset.set_epoch(e)`` before a plain ``dataset[index]``.
 
 ``LatentCache`` stores tensors as safetensors files keyed by (item key, model id, tag). An item's ``key`` is
 the sha256 of its file bytes plus its crop and flip, so a cached latent is reused exactly when the pixels

@@ -48,6 +48,7 @@ class LoraFosterRecipe(Recipe):
         tc = cfg.train
         if tc.method == "assemble":
             load_fostered(c, Path(tc.experts_from))
+        self.per_expert = tc.batch_per_expert and tc.method == "foster" and tc.only_expert is None
         self.batch = self.global_batch()
         world = acc.num_processes
         if self.batch % (tc.grad_accum * world):
@@ -69,10 +70,8 @@ class LoraFosterRecipe(Recipe):
 
     def global_batch(self) -> int:
         """Samples per step over all processes: ``batch_size``, or per expert with ``batch_per_expert``."""
-        tc = self.cfg.train
-        if tc.batch_per_expert and tc.method == "foster" and tc.only_expert is None:
-            return tc.batch_size * sum(get_routing(self.c.denoiser).spec.experts_per_scale)
-        return tc.batch_size
+        n = self.cfg.train.batch_size
+        return n * sum(get_routing(self.c.denoiser).spec.experts_per_scale) if self.per_expert else n
 
     # --- draws -----------------------------------------------------------------------------------------
     def draws(self, step: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -89,7 +88,7 @@ class LoraFosterRecipe(Recipe):
                 raise TsmError(f"train.only_expert={only} is not an expert of scales {list(spec.scales)}")
             t = c.objective.sample_t(self.batch, g, expert=(spec.scales[scale], index))
             scales = torch.full((self.batch,), scale)
-        elif self.batch != cfg.train.batch_size:  # batch_per_expert: a block of batch_size per expert
+        elif self.per_expert:  # a block of batch_size samples per expert, t inside its interval
             n = cfg.train.batch_size
             blocks = [
                 (s, c.objective.sample_t(n, g, expert=(spec.scales[s], i)))
