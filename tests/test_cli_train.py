@@ -349,3 +349,10 @@ def test_two_processes_match_one(assets, tmp_path):
         )
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_a_tracker_that_is_not_installed_is_a_one_line_error(assets, tmp_path, capsys):
+    cfg = write_config(tmp_path / "w.yaml", "sd15", assets, train={"log_with": "wandb"})
+    msg = one_line_error(capsys, "train", cfg)
+    assert "pip install wandb" in msg

@@ -12,6 +12,7 @@ the loss plot, validation grids, the final adapters and ``summary.json``. The re
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import pkgutil
@@ -252,6 +253,10 @@ def make_accelerator(cfg: Config, run: Path) -> Any:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     log_with = None if cfg.train.log_with == "none" else cfg.train.log_with
+    if log_with is not None and importlib.util.find_spec(log_with) is None:
+        raise TsmError(
+            f"train.log_with={log_with} needs the {log_with} package: pip install {log_with}, or log_with=none"
+        )
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         cpu=not torch.cuda.is_available(),
