@@ -139,3 +139,37 @@ def test_fsdp_run_starts_and_matches_one_process(assets, tmp_path):
     one = write_config(tmp_path / "one.yaml", assets, "foster", train={"batch_size": 4})
     assert main(["train", str(one)]) == 0
     assert_same_weights(tmp_path / "fsdp" / "unet.safetensors", tmp_path / "one" / "unet.safetensors", 1e-4)
+
+
+@pytest.mark.parametrize("method", ["glance", "distill"])
+def test_resume_after_sigkill_gives_the_same_weights(method, assets, tmp_path):
+    """Killed mid-run (after the checkpoint at step 2, in the foster stage), resumed across the switch."""
+    import signal
+    import time
+
+    sections = {
+        **SECTIONS[method],
+        "train": {**SECTIONS[method].get("train", {}), "checkpoint_every": 1, "keep_last": 9},
+    }
+    killed = write_config(tmp_path / "killed.yaml", assets, method, **sections)
+    straight = write_config(tmp_path / "straight.yaml", assets, method, **sections)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "tsm.cli", "train", str(killed)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = tmp_path / "killed" / "checkpoints" / "step_0000002" / "state.json"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and not (tmp_path / "killed" / "unet.safetensors").exists()
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["train", str(straight)]) == 0
+    a, b = (
+        load_file(tmp_path / "killed" / "unet.safetensors"),
+        load_file(tmp_path / "straight" / "unet.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
