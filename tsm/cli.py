@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
     from tsm.images import save_images
-    from tsm.recipes.run import load_run, sample_run
+    from tsm.recipes.run import guidance_of, load_run, sample_run
 
     cfg, c = load_run(args.run)
     prompts = args.prompt or cfg.train.validation_prompts
@@ -42,8 +42,8 @@ def _sample(args: argparse.Namespace) -> None:
         c,
         [p for p, _ in pairs],
         [s for _, s in pairs],
-        args.steps,
-        cfg.train.guidance_scale if args.guidance is None else args.guidance,
+        c.family.default_steps if args.steps is None else args.steps,
+        guidance_of(cfg, c) if args.guidance is None else args.guidance,
         args.resolution or cfg.data.resolution,
     )
     out = Path(args.out or Path(args.run) / "samples")
@@ -125,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", action="append", help="a prompt (repeat for more; default: validation prompts)"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument(
+        "--steps", type=int, default=None, help="sampler steps (default: the family's; digits: validated)"
+    )
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance (default: the run's train.guidance_scale)",
+        help="classifier-free guidance (default: the run's train.guidance_scale, else the family's)",
     )
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")

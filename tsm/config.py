@@ -145,7 +145,9 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo"])  # []: no grids
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
     validation_steps: int = 25  # sampler steps of the validation grid
-    guidance_scale: float = 5.0
+    # classifier-free guidance of validation grids and `tsm sample` (None: the family's default: its diffusers
+    # pipeline's, or for digits the value chosen on validation data)
+    guidance_scale: float | None = None
 
 
 @dataclass

@@ -49,8 +49,16 @@ class Budget:
     lr: float = 1e-3  # AdamW, experts and routers
     assemble_steps: int = 150  # router steps of the 2-stage rows, at batch `batch`
     eval_per_prompt: int = 6  # seeds per evaluation prompt (60 held-out prompts: 360 images)
-    sample_steps: int = 20  # DDIM steps
-    guidance: float = 3.0  # classifier-free guidance
+    sample_steps: int | None = None  # DDIM steps (None: the sampler chosen on validation data, sampler.json)
+    guidance: float | None = None  # classifier-free guidance (None: likewise)
+
+    def sampler(self) -> tuple[int, float]:
+        """(DDIM steps, guidance) of the evaluation: the validated ones unless set."""
+        from tsm.models.digits import DigitsFamily
+
+        family = DigitsFamily()
+        steps = family.default_steps if self.sample_steps is None else self.sample_steps
+        return steps, family.default_guidance if self.guidance is None else self.guidance
 
 
 @dataclass
@@ -115,8 +123,14 @@ def train_batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, li
     return make_source_batch(images, labels, n, g)
 
 
-def eval_set(task: str, per_prompt: int) -> tuple[list[str], list[int], torch.Tensor, list[tuple]]:
-    """(prompts, seeds, real reference images, (digit, fg, bg) per prompt) — fixed, from the held-out split."""
+def eval_set(
+    task: str, per_prompt: int, split: str = "test"
+) -> tuple[list[str], list[int], torch.Tensor, list[tuple]]:
+    """(prompts, seeds, real reference images, (digit, fg, bg) per prompt) — fixed, from the held-out split.
+
+    ``split="train"`` is the validation set: train-split digits and combos, other draws and other seeds
+    (from 100,000), for choosing anything (the sampler) without looking at the test set.
+    """
     from tsm.bench.digits_data import (
         COLORS,
         PALETTE_RGB,
@@ -128,10 +142,10 @@ def eval_set(task: str, per_prompt: int) -> tuple[list[str], list[int], torch.Te
         target_prompt,
     )
 
-    images, labels = load_digit_split("test")
-    g = torch.Generator().manual_seed(1234)
+    images, labels = load_digit_split(split)
+    g = torch.Generator().manual_seed(1234 if split == "test" else 4321)
     if task == "domain":
-        combos = [c for c in target_combos("test") for _ in range(per_prompt)]
+        combos = [c for c in target_combos(split) for _ in range(per_prompt)]
     else:
         combos = [(d, "", "") for d in list(range(10)) * per_prompt * 6]  # the prompt names the digit only
     by_digit = {d: np.flatnonzero(labels == d) for d in range(10)}
@@ -143,7 +157,8 @@ def eval_set(task: str, per_prompt: int) -> tuple[list[str], list[int], torch.Te
         fg_rgb, bg_rgb = source_colors(len(combos), g)
     reference = colorize(torch.as_tensor(images[picks]), fg_rgb, bg_rgb)
     prompts = [target_prompt(*c) if task == "domain" else source_prompt(c[0]) for c in combos]
-    seeds = list(range(len(prompts)))
+    first = 0 if split == "test" else 100_000
+    seeds = list(range(first, first + len(prompts)))
     return prompts, seeds, reference, combos
 
 
@@ -257,9 +272,7 @@ def evaluate(c: Any, row: Row, budget: Budget, out: Path, net: Any) -> dict[str,
     from tsm.sampling import sample
 
     prompts, seeds, reference, combos = eval_set(row.task, budget.eval_per_prompt)
-    images = sample(
-        c, prompts, seeds, steps=budget.sample_steps, guidance_scale=budget.guidance, progress=False
-    )
+    images = sample(c, prompts, seeds, *budget.sampler(), progress=False)
     path = eval_png(out, row)
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid([to_pil(x) for x in images], columns=32, pad=0).save(path)
@@ -482,14 +495,16 @@ def aggregate(done: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, dic
 def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -> str:
     b = cfg.budget
     seeds = len(cfg.seeds)
+    sample_steps, guidance = b.sampler()
     lines = [
         "# Digits benchmark",
         "",
         f"Mode: {'full' if cfg.full else 'quick'}; {seeds} seed{'s' if seeds > 1 else ''}"
         + (" (quick mode: one seed, so no error bars)" if seeds == 1 else " (mean ± std)")
         + f"; {b.steps} steps per expert at batch {b.batch}, lr {b.lr:g}; assembling {b.assemble_steps} router steps;"
-        f" {b.sample_steps} DDIM steps, guidance {b.guidance:g}; wall time {wall / 60:.1f} min for the rows run now.",
+        f" {sample_steps} DDIM steps, guidance {guidance:g}; wall time {wall / 60:.1f} min for the rows run now.",
         "",
+        *_sampler_note(b),
         "Budget columns: *samples* = training samples seen (the paper's n x steps bookkeeping: each of n experts"
         " gets the same steps and batch as one LoRA); *trained* = parameters trained in the last stage;"
         " *held* = expert parameters in the model (LoRA r=32 holds as many as 8 experts of r=4).",
@@ -519,6 +534,16 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
                 + f" | {e['seconds']:.0f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _sampler_note(b: Budget) -> list[str]:
+    """The validation table behind the default sampler (when the run uses it), for results.md."""
+    from tsm.bench.digits_sampler import markdown as sampler_markdown
+    from tsm.models.digits import SAMPLER_FILE
+
+    if b.sample_steps is not None or b.guidance is not None or not SAMPLER_FILE.is_file():
+        return []
+    return [sampler_markdown(json.loads(SAMPLER_FILE.read_text())), ""]
 
 
 def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall: float) -> dict:

@@ -80,6 +80,9 @@ class Family:
     # the training objective's defaults where the config leaves them None: the family's reference script's
     default_weighting = "none"  # objective.weighting: the timestep density (diffusers' weighting_scheme)
     default_precondition = False  # objective.precondition_outputs (flow models)
+    # sampling defaults of `tsm sample` and validation grids: the family's diffusers pipeline's own
+    default_steps = 50  # StableDiffusionPipeline's num_inference_steps
+    default_guidance = 7.5  # and guidance_scale
 
     @property
     def text_expert_subfolders(self) -> tuple[str, ...]:

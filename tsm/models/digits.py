@@ -20,6 +20,8 @@ from tsm.models.base import ATTN, Components, Family
 from tsm.models.registry import register
 
 BASE_DIR = Path(__file__).parent / "assets" / "digits_base"
+# the sampler chosen on a validation set (python -m tsm.bench.digits_sampler writes it; the table is in it)
+SAMPLER_FILE = BASE_DIR / "sampler.json"
 
 # ----------------------------------------------------------------------------------------------------
 # vocabulary and tokenizer
@@ -91,6 +93,14 @@ class DigitsFamily(Family):
     default_targets = ATTN
     default_text_targets = ["q_proj", "v_proj"]
 
+    @property
+    def default_steps(self) -> int:
+        return int(_validated_sampler()["steps"])
+
+    @property
+    def default_guidance(self) -> float:
+        return float(_validated_sampler()["guidance"])
+
     def load(
         self,
         path: str,
@@ -126,3 +136,14 @@ class DigitsFamily(Family):
 
     def latent_shape(self, c: Components, resolution: int, num_frames: int) -> tuple[int, ...]:
         return (3, 8, 8)
+
+
+def _validated_sampler() -> dict[str, Any]:
+    """The (steps, guidance) `tsm.bench.digits_sampler` chose on validation data for the shipped weights."""
+    import json
+
+    if not SAMPLER_FILE.is_file():
+        raise TsmError(
+            f"{SAMPLER_FILE} is missing; run python -m tsm.bench.digits_sampler to choose the sampler"
+        )
+    return json.loads(SAMPLER_FILE.read_text())["chosen"]

@@ -20,6 +20,8 @@ class Flux(PackedFlowFamily):
     text_subfolders = ("text_encoder", "text_encoder_2")
     max_t5_length = 512
     guidance = 3.5  # the embedded guidance of guidance-distilled checkpoints (FluxPipeline's default)
+    # FluxPipeline's: 28 steps, true CFG off (true_cfg_scale 1); the embedded guidance above does the work
+    default_steps, default_guidance = 28, 1.0
 
     def text_class_of(self, i: int) -> str:
         return "T5EncoderModel" if i == 1 else "CLIPTextModel"

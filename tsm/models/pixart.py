@@ -16,6 +16,7 @@ class PixArt(Family):
     text_class = "T5EncoderModel"
     default_text_targets = ["q", "v"]
     max_text_length = 120
+    default_steps, default_guidance = 20, 4.5  # PixArtAlphaPipeline's
 
     def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         encoder = c.text_encoders["text_encoder"]

@@ -28,6 +28,8 @@ class Qwen(PackedFlowFamily):
         "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+    # QwenImagePipeline's: 50 steps, true_cfg_scale 4 (against the empty negative prompt, as tsm samples)
+    default_steps, default_guidance = 50, 4.0
     prompt_template_start = 34  # tokens of the template before the prompt, dropped from the embeddings
 
     def encode_prompt(self, c: Components, captions: list[str]) -> dict[str, torch.Tensor]:

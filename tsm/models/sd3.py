@@ -19,6 +19,7 @@ class SD3(FlowFamily):
     max_t5_length = 256
     default_weighting = "logit_normal"  # train_dreambooth_lora_sd3.py's defaults
     default_precondition = True
+    default_steps, default_guidance = 28, 7.0  # StableDiffusion3Pipeline's
 
     text_expert_subfolders = ("text_encoder", "text_encoder_2")  # the paper tunes the two CLIP encoders
 

@@ -13,3 +13,4 @@ class Video3D(Family):
     default_targets = ["to_k", "to_v"]  # spatial and temporal attention
     default_text_targets = ["out_proj"]
     video = True
+    default_steps, default_guidance = 50, 9.0  # TextToVideoSDPipeline's

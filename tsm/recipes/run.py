@@ -135,6 +135,11 @@ def sample_run(
     return recipe.sample(cfg, c, prompts, seeds, steps, guidance_scale, resolution, progress)
 
 
+def guidance_of(cfg: Config, c: Components) -> float:
+    """``train.guidance_scale``, or the family's default guidance (its pipeline's; digits: validated)."""
+    return c.family.default_guidance if cfg.train.guidance_scale is None else cfg.train.guidance_scale
+
+
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------
@@ -229,7 +234,7 @@ def validation_grid(cfg: Config, c: Components, path: Path) -> Path | None:
     prompts = [p for p in tc.validation_prompts for _ in tc.validation_seeds]
     seeds = [s for _ in tc.validation_prompts for s in tc.validation_seeds]
     images = sample_run(
-        cfg, c, prompts, seeds, tc.validation_steps, tc.guidance_scale, cfg.data.resolution, progress=False
+        cfg, c, prompts, seeds, tc.validation_steps, guidance_of(cfg, c), cfg.data.resolution, progress=False
     )
     for k, m in c.modules().items():
         m.train(modes[k])

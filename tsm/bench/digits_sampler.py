@@ -1,0 +1,114 @@
+"""Choose the digits model's sampler (DDIM steps, guidance) on a validation set, never on the test set.
+
+    python -m tsm.bench.digits_sampler [--per-prompt 4] [--out tsm/models/assets/digits_base/sampler.json]
+
+The validation set is `tsm.bench.digits.eval_set(task, per_prompt, split="train")`: source prompts
+("digit 3"), references drawn from the *train* split of the digits, and seeds from 100,000 (the test set uses
+the held-out split and seeds from 0). Every (steps, guidance) of the grid samples the base model; the choice
+is the highest digit accuracy, then (within 0.01 of it) the lowest FID, then the fewest steps. The result
+ships beside the weights (``sampler.json``) and `tsm.models.digits.DigitsFamily` samples with it by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GRID_STEPS = (10, 25, 50)
+GRID_GUIDANCE = (1.0, 1.5, 2.0, 3.0, 5.0)
+
+
+def validate(
+    base: Path,
+    net_path: Path,
+    per_prompt: int = 4,
+    steps: tuple[int, ...] = GRID_STEPS,
+    guidances: tuple[float, ...] = GRID_GUIDANCE,
+    net_steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """FID and digit accuracy of the base model on the validation set, for every (steps, guidance)."""
+    from tsm.bench.digits import eval_set, load_net
+    from tsm.bench.metrics import digit_accuracy, fid
+    from tsm.models.digits import DigitsFamily
+    from tsm.sampling import sample
+
+    net = load_net(net_path, net_steps)
+    c = DigitsFamily().load(str(base))
+    prompts, seeds, reference, combos = eval_set("post", per_prompt, split="train")
+    rows = []
+    for n in steps:
+        for g in guidances:
+            t0 = time.perf_counter()
+            images = sample(c, prompts, seeds, steps=n, guidance_scale=g, progress=False)
+            rows.append(
+                {
+                    "steps": n,
+                    "guidance": g,
+                    "fid": fid(net, images, reference),
+                    "digit_acc": digit_accuracy(net, images, [d for d, _, _ in combos]),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+    return rows
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The highest digit accuracy; among rows within 0.01 of it the lowest FID; then the fewest steps."""
+    best = max(r["digit_acc"] for r in rows)
+    close = [r for r in rows if r["digit_acc"] >= best - 0.01]
+    return min(close, key=lambda r: (round(r["fid"], 1), r["steps"]))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The validation table, the choice marked."""
+    chosen = result["chosen"]
+    lines = [
+        f"Sampler chosen on the validation set (train-split digits, seeds from 100,000; {result['images']} images"
+        f" per cell): **{chosen['steps']} DDIM steps, guidance {chosen['guidance']:g}** (base digit accuracy"
+        f" {chosen['digit_acc']:.3f}, FID {chosen['fid']:.1f}). `python -m tsm.bench.digits_sampler` reproduces it.",
+        "",
+        "| steps | guidance | FID ↓ | digit acc ↑ |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        mark = " **←**" if (r["steps"], r["guidance"]) == (chosen["steps"], chosen["guidance"]) else ""
+        lines.append(f"| {r['steps']} | {r['guidance']:g} | {r['fid']:.1f} | {r['digit_acc']:.3f}{mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from tsm.models.digits import BASE_DIR, SAMPLER_FILE
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", default=str(BASE_DIR))
+    p.add_argument(
+        "--net", default="results/digits/digit_net.safetensors", help="the metric CNN (trained if missing)"
+    )
+    p.add_argument(
+        "--per-prompt",
+        type=int,
+        default=4,
+        help="validation images per digit and colour: 24 x this per digit",
+    )
+    p.add_argument("--out", default=str(SAMPLER_FILE))
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = validate(Path(args.base), Path(args.net), args.per_prompt)
+    result = {
+        "rows": rows,
+        "chosen": choose(rows),
+        "images": 60 * args.per_prompt,
+        "command": "python -m tsm.bench.digits_sampler",
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
