@@ -5,11 +5,23 @@ import json
 import pytest
 import torch
 
-from tsm.bench.digits import BenchConfig, Budget, eval_png, eval_set, read_eval_png, rows_for, run
+from tsm.bench.digits import (
+    TASKS,
+    BenchConfig,
+    Budget,
+    comparisons,
+    eval_png,
+    eval_set,
+    read_eval_png,
+    rows_for,
+    run,
+    verdict,
+)
 from tsm.bench.digits_model import pretrain_base
-from tsm.bench.metrics import color_accuracy, digit_accuracy, fid, load_or_train_digit_net
+from tsm.bench.metrics import color_accuracy, digit_accuracy, fid, ink, load_or_train_digit_net
 
-ROWS = ["base", "LoRA r=4", "TSM 1-stage n=2", "TSM 2-stage 8+1"]
+ROWS = ["base", "LoRA r=4", "LoRA r=4, 4x steps", "LoRA r=16, 4x steps", "TSM 1-stage n=4", "TSM 2-stage 4+1"]
+SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +32,7 @@ def toy_run(tmp_path_factory):
     )  # a toy base: the machinery, not quality
     budget = Budget(steps=2, batch=4, assemble_steps=2, eval_per_prompt=1, sample_steps=2)
     cfg = BenchConfig(
-        out=str(root / "out"), budget=budget, workers=0, base=str(base), only=ROWS, net_steps=60
+        out=str(root / "out"), seeds=SEEDS, budget=budget, workers=0, base=str(base), only=ROWS, net_steps=60
     )
     return cfg, run(cfg, progress=False)
 
@@ -31,15 +43,23 @@ def test_every_output_file_exists(toy_run):
     from pathlib import Path
 
     out = Path(out)
-    for name in ("results.json", "results.md", "results.png", "grid_domain_seed0.png", "grid_post_seed0.png"):
+    grids = [f"grid_{t}_seed{s}.png" for t in TASKS for s in SEEDS]
+    for name in ("results.json", "results.md", "results.png", *grids):
         assert (out / name).is_file(), name
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert len(rows) == 2 * len(ROWS)
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rows"]) == len(TASKS) * len(SEEDS) * len(ROWS)
     md = (out / "results.md").read_text()
-    assert "one seed" in md and all(name in md for name in ROWS)
-    for r in rows_for("domain", False, 0) + rows_for("post", False, 0):
+    assert "2 seeds" in md and all(name in md for name in ROWS) and "Verdicts on" in md
+    for r in [r for t in TASKS for r in rows_for(t, False, 0)]:
         assert eval_png(out, r).is_file() == (r.name in ROWS)
-    assert set(summary["table"]) == {"domain", "post"}
+    assert set(summary["table"]) == set(TASKS)
+    # every TSM row has its verdicts, against the rows `comparisons` names, in results.json and results.md
+    for task in TASKS:
+        one = results["verdicts"][task]["TSM 1-stage n=4"]
+        assert one["same rank, equal compute"]["against"] == "LoRA r=4, 4x steps"
+        assert one["equal params and compute"]["against"] == "LoRA r=16, 4x steps"
+        assert {v["verdict"] for v in one.values()} <= {"win", "tie", "loss"}
+        assert one["equal params and compute"]["seeds"] == 2
 
 
 def test_metrics_are_computed_from_the_written_images(toy_run):
@@ -49,8 +69,8 @@ def test_metrics_are_computed_from_the_written_images(toy_run):
     out = Path(cfg.out)
     rows = json.loads((out / "results.json").read_text())["rows"]
     net = load_or_train_digit_net(out / "digit_net.safetensors", steps=60)
-    for task in ("domain", "post"):
-        row = next(r for r in rows_for(task, False, 0) if r.name == "TSM 2-stage 8+1")
+    for task in TASKS:
+        row = next(r for r in rows_for(task, False, 0) if r.name == "TSM 2-stage 4+1")
         prompts, _, reference, combos = eval_set(task, 1)
         images = read_eval_png(eval_png(out, row), len(prompts))
         assert images.shape == (len(prompts), 3, 8, 8) and images.min() >= -1 and images.max() <= 1
@@ -62,6 +82,11 @@ def test_metrics_are_computed_from_the_written_images(toy_run):
             assert saved["color_acc"] == acc["both"] and saved["fg_acc"] == acc["fg"]
             # the same numbers do not come out of other images: the file is what was scored
             assert fid(net, torch.flip(images, dims=[-1]), reference) != saved["fid"]
+        if task == "appearance":
+            coverage = float(ink(images).mean())
+            assert saved["ink"] == pytest.approx(coverage) and saved["ink_err"] == pytest.approx(
+                abs(coverage - float(ink(reference).mean()))
+            )
 
 
 def test_budgets_follow_the_paper_bookkeeping(toy_run):
@@ -72,17 +97,28 @@ def test_budgets_follow_the_paper_bookkeeping(toy_run):
     b = cfg.budget
     lora = rows["domain/LoRA r=4/seed0"]
     assert lora["samples_trained"] == b.steps * b.batch
-    assert rows["domain/TSM 1-stage n=2/seed0"]["samples_trained"] == 2 * b.steps * b.batch
-    two = rows["domain/TSM 2-stage 8+1/seed0"]
-    assert two["samples_trained"] == 9 * b.steps * b.batch + b.assemble_steps * b.batch
-    assert two["expert_params"] == 9 * lora["expert_params"]  # 9 experts of the same rank
+    one = rows["domain/TSM 1-stage n=4/seed0"]
+    assert (
+        one["samples_trained"]
+        == 4 * b.steps * b.batch
+        == rows["domain/LoRA r=16, 4x steps/seed0"]["samples_trained"]
+    )
+    assert (
+        one["expert_params"]
+        == 4 * lora["expert_params"]
+        == rows["domain/LoRA r=16, 4x steps/seed0"]["expert_params"]
+    )
+    two = rows["domain/TSM 2-stage 4+1/seed0"]
+    assert two["samples_trained"] == 5 * b.steps * b.batch + b.assemble_steps * b.batch
+    assert two["expert_params"] == 5 * lora["expert_params"]  # 5 experts of the same rank
     assert rows["domain/base/seed0"]["samples_trained"] == 0
 
 
 def test_resume_skips_finished_rows(toy_run, capsys):
     cfg, _ = toy_run
     run(cfg, progress=False)
-    assert f"{2 * len(ROWS)} of {2 * len(ROWS)} rows already in" in capsys.readouterr().out
+    n = len(TASKS) * len(SEEDS) * len(ROWS)
+    assert f"{n} of {n} rows already in" in capsys.readouterr().out
 
 
 def test_rows_run_in_worker_processes(toy_run, tmp_path):
@@ -90,9 +126,33 @@ def test_rows_run_in_worker_processes(toy_run, tmp_path):
     cfg, _ = toy_run
     from dataclasses import replace
 
-    solo = replace(cfg, out=str(tmp_path / "solo"), workers=1, only=["LoRA r=4"], tasks=["post"])
+    solo = replace(cfg, out=str(tmp_path / "solo"), workers=1, only=["LoRA r=4"], tasks=["post"], seeds=[0])
     summary = run(solo, progress=False)
     assert set(summary["table"]["post"]) == {"LoRA r=4"}
     assert (
         json.loads((tmp_path / "solo" / "results.json").read_text())["rows"]["post/LoRA r=4/seed0"]["fid"] > 0
     )
+
+
+def test_verdicts_on_hand_made_numbers():
+    # higher is better: a gain of 0.10 +- 0.005 over 3 seeds is a win; lower-is-better flips the sign
+    assert verdict([0.5, 0.6, 0.7], [0.4, 0.49, 0.61], True)["verdict"] == "win"
+    assert verdict([0.5, 0.6, 0.7], [0.4, 0.49, 0.61], False)["verdict"] == "loss"
+    # a mean gain inside 2 standard errors of the paired difference is a tie
+    tie = verdict([0.5, 0.3, 0.7], [0.45, 0.45, 0.5], True)
+    assert tie["verdict"] == "tie" and tie["mean_gain"] > 0 and tie["mean_gain"] < 2 * tie["se"]
+    # FID (lower is better): ours 20 vs 30 on every seed -> win, with se 0
+    win = verdict([20.0, 21.0, 19.0], [30.0, 31.0, 29.0], False)
+    assert win["verdict"] == "win" and win["mean_gain"] == pytest.approx(10.0) and win["se"] == 0
+    assert verdict([1.0], [0.0], True)["verdict"] == "n/a"  # one seed decides nothing
+
+
+def test_each_tsm_row_is_judged_against_equal_compute_and_equal_parameters():
+    assert comparisons("TSM 1-stage n=8") == {
+        "same rank, equal compute": "LoRA r=4, 8x steps",
+        "equal params and compute": "LoRA r=32, 8x steps",
+    }
+    assert comparisons("TSM 2-stage 8+1")["equal params and compute"] == "LoRA r=36, 10x steps"
+    names = {r.name for r in rows_for("post", True, 0)}
+    for name in names:
+        assert set(comparisons(name).values()) <= names  # every row a verdict needs is run

@@ -170,3 +170,15 @@ def test_digit_net_cache_reloads_and_retrains_when_corrupt(net, cache, tmp_path)
     reloaded = metrics.load_or_train_digit_net(broken, steps=3)
     torch.testing.assert_close(reloaded.fc.weight, small.fc.weight, rtol=0, atol=0)
     assert metrics.load_or_train_digit_net(broken, steps=4).fc.weight.ne(small.fc.weight).any()
+
+
+def test_bold_widens_every_stroke_by_one_column_and_ink_sees_it():
+    gray = torch.zeros(1, 8, 8)
+    gray[0, 2:6, 3] = 1.0  # a vertical stroke in column 3
+    thick = dd.bold(gray)
+    assert thick[0, 2:6, 3].eq(1).all() and thick[0, 2:6, 4].eq(1).all() and thick.sum() == 8
+    images, _ = dd.load_digit_split("test")
+    thin = dd.colorize(torch.as_tensor(images[:50]), torch.ones(50, 3), torch.zeros(50, 3))
+    bold = dd.colorize(dd.bold(images[:50]), torch.ones(50, 3), torch.zeros(50, 3))
+    assert metrics.ink(bold).mean() > metrics.ink(thin).mean() + 0.1
+    assert metrics.ink(thin).shape == (50,)

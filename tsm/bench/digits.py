@@ -37,18 +37,21 @@ import torch
 
 from tsm.errors import TsmError
 
-TASKS = ("domain", "post")
+TASKS = ("domain", "post", "appearance")
+# the metric each task's verdicts are read on, and whether higher is better
+MAIN_METRIC = {"domain": ("color_acc", True), "post": ("fid", False), "appearance": ("ink_err", False)}
+QUICK_NS, FULL_NS = (4,), (2, 4, 8)  # the expert counts n of each mode's rows
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "v_proj"]
 
 
 @dataclass
 class Budget:
-    steps: int = 150  # optimizer steps per expert (paper's bookkeeping)
-    batch: int = 32  # samples per expert per step
+    steps: int = 60  # optimizer steps per expert (paper's bookkeeping)
+    batch: int = 16  # samples per expert per step
     lr: float = 1e-3  # AdamW, experts and routers
-    assemble_steps: int = 150  # router steps of the 2-stage rows, at batch `batch`
-    eval_per_prompt: int = 6  # seeds per evaluation prompt (60 held-out prompts: 360 images)
+    assemble_steps: int = 60  # router steps of the 2-stage rows, at batch `batch`
+    eval_per_prompt: int = 4  # seeds per evaluation prompt (60 held-out prompts or 60 digit x colour: 240)
     sample_steps: int | None = None  # DDIM steps (None: the sampler chosen on validation data, sampler.json)
     guidance: float | None = None  # classifier-free guidance (None: likewise)
 
@@ -80,16 +83,18 @@ class Row:
 
 
 def rows_for(task: str, full: bool, seed: int) -> list[Row]:
-    r = [
-        Row(task, "base", "base"),
-        Row(task, "LoRA r=4", "lora", rank=4),
-        Row(task, "LoRA r=32", "lora", rank=32),
-        Row(task, "LoRA r=4, 8x steps", "lora", rank=4, step_factor=8),
-        Row(task, "TSM 1-stage n=2", "foster", scales=(2,)),
-        Row(task, "TSM 1-stage n=4", "foster", scales=(4,)),
-        Row(task, "TSM 1-stage n=8", "foster", scales=(8,)),
-        Row(task, "TSM 2-stage 8+1", "assemble", scales=(8, 1)),
-    ]
+    """Base, LoRA r=4 at 1x, and for each n: LoRA r=4 at n x steps (equal compute), LoRA r=4n at n x steps
+    (equal compute and parameters), TSM 1-stage n, TSM 2-stage n+1 and the LoRA of its held parameters and
+    samples (r=4(n+1) at (n+2) x: n+1 experts fostered, then as many router steps as one expert's)."""
+    r = [Row(task, "base", "base"), Row(task, "LoRA r=4", "lora", rank=4)]
+    for n in FULL_NS if full else QUICK_NS:
+        r += [
+            Row(task, f"LoRA r=4, {n}x steps", "lora", rank=4, step_factor=n),
+            Row(task, f"LoRA r={4 * n}, {n}x steps", "lora", rank=4 * n, step_factor=n),
+            Row(task, f"TSM 1-stage n={n}", "foster", scales=(n,)),
+            Row(task, f"TSM 2-stage {n}+1", "assemble", scales=(n, 1)),
+            Row(task, f"LoRA r={4 * (n + 1)}, {n + 2}x steps", "lora", rank=4 * (n + 1), step_factor=n + 2),
+        ]
     if full:
         r += [
             Row(task, "TSM 2-stage 8+(1,2,4)", "assemble", scales=(8, 4, 2, 1)),
@@ -98,6 +103,35 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
             Row(task, "TSM 2-stage 8+1 router t-only", "assemble", scales=(8, 1), router="t_only"),
         ]
     return [replace(x, seed=seed) for x in r]
+
+
+def comparisons(name: str) -> dict[str, str]:
+    """The LoRA rows a TSM row is judged against: same rank at equal compute (for a 2-stage row the same-rank
+    LoRA at the 1-stage's compute: no r=4 row at (n+2) x is run), and equal parameters at equal compute."""
+    if name.startswith("TSM 1-stage n="):
+        n = int(name.rsplit("=", 1)[1])
+        return {
+            "same rank, equal compute": f"LoRA r=4, {n}x steps",
+            "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
+        }
+    if name.startswith("TSM 2-stage ") and name.endswith("+1"):
+        n = int(name.split()[2].split("+")[0])
+        return {
+            "same rank, n x compute": f"LoRA r=4, {n}x steps",
+            "equal params and compute": f"LoRA r={4 * (n + 1)}, {n + 2}x steps",
+        }
+    return {}
+
+
+def verdict(ours: list[float], theirs: list[float], higher_is_better: bool) -> dict[str, Any]:
+    """win / tie / loss of ours against theirs, paired by seed, at 2 standard errors of the difference."""
+    if len(ours) != len(theirs) or len(ours) < 2:
+        return {"verdict": "n/a", "seeds": min(len(ours), len(theirs)), "reason": "needs >= 2 paired seeds"}
+    d = np.asarray(ours, dtype=float) - np.asarray(theirs, dtype=float)
+    d = d if higher_is_better else -d  # > 0: ours is better
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    word = "win" if mean > 2 * se else "loss" if mean < -2 * se else "tie"
+    return {"verdict": word, "mean_gain": mean, "se": se, "seeds": len(d)}
 
 
 def row_units(row: Row, budget: Budget) -> int:
@@ -115,11 +149,19 @@ def row_units(row: Row, budget: Budget) -> int:
 # data
 # ---------------------------------------------------------------------------------------------------------
 def train_batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    from tsm.bench.digits_data import load_digit_split, make_source_batch, make_target_batch, target_combos
+    from tsm.bench.digits_data import (
+        bold,
+        load_digit_split,
+        make_source_batch,
+        make_target_batch,
+        target_combos,
+    )
 
     images, labels = load_digit_split("train")
     if task == "domain":
         return make_target_batch(images, labels, target_combos("train"), n, g)
+    if task == "appearance":  # the source's prompts, bold strokes
+        return make_source_batch(bold(images), labels, n, g)
     return make_source_batch(images, labels, n, g)
 
 
@@ -134,6 +176,7 @@ def eval_set(
     from tsm.bench.digits_data import (
         COLORS,
         PALETTE_RGB,
+        bold,
         colorize,
         load_digit_split,
         source_colors,
@@ -155,7 +198,8 @@ def eval_set(
         bg_rgb = PALETTE_RGB[[COLORS.index(b) for _, _, b in combos]]
     else:
         fg_rgb, bg_rgb = source_colors(len(combos), g)
-    reference = colorize(torch.as_tensor(images[picks]), fg_rgb, bg_rgb)
+    gray = torch.as_tensor(images[picks])
+    reference = colorize(bold(gray) if task == "appearance" else gray, fg_rgb, bg_rgb)
     prompts = [target_prompt(*c) if task == "domain" else source_prompt(c[0]) for c in combos]
     first = 0 if split == "test" else 100_000
     seeds = list(range(first, first + len(prompts)))
@@ -267,7 +311,7 @@ def trainable_params(row: Row, c: Any) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------
 def evaluate(c: Any, row: Row, budget: Budget, out: Path, net: Any) -> dict[str, float]:
     """Sample the held-out prompts, write them as one PNG, read it back and score it."""
-    from tsm.bench.metrics import color_accuracy, digit_accuracy, fid
+    from tsm.bench.metrics import color_accuracy, digit_accuracy, fid, ink
     from tsm.images import make_grid, to_pil
     from tsm.sampling import sample
 
@@ -284,6 +328,9 @@ def evaluate(c: Any, row: Row, budget: Budget, out: Path, net: Any) -> dict[str,
     if row.task == "domain":
         acc = color_accuracy(images, [f for _, f, _ in combos], [b for _, _, b in combos])
         metrics.update(fg_acc=acc["fg"], bg_acc=acc["bg"], color_acc=acc["both"])
+    if row.task == "appearance":  # how bold: the strokes' coverage, against the bold references'
+        coverage = float(ink(images).mean())
+        metrics.update(ink=coverage, ink_err=abs(coverage - float(ink(reference).mean())))
     return metrics
 
 
@@ -357,7 +404,7 @@ def _worker(args: tuple) -> dict:
 class BenchConfig:
     out: str = "results/digits"
     full: bool = False
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     budget: Budget = field(default_factory=Budget)
     workers: int = 2  # rows trained in parallel processes (one thread each); 0: in this process
@@ -463,6 +510,8 @@ METRICS = [
     ("fg_acc", "fg acc ↑"),
     ("bg_acc", "bg acc ↑"),
     ("color_acc", "fg+bg acc ↑"),
+    ("ink", "ink (ref 0.44)"),
+    ("ink_err", "ink error ↓"),
 ]
 
 
@@ -489,6 +538,18 @@ def aggregate(done: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, dic
             for k in ("samples_trained", "trained_params", "expert_params", "seconds"):
                 entry[k] = runs[0][k] if k != "seconds" else sum(x[k] for x in runs) / len(runs)
             entry["seeds"] = len(runs)
+    for task, entries in table.items():
+        metric, higher = MAIN_METRIC[task]
+        for name, entry in entries.items():
+            entry["verdicts"] = {}
+            for what, other in comparisons(name).items():
+                if other not in entries:
+                    continue
+                mine = {r["seed"]: r[metric] for r in entry["runs"]}
+                theirs = {r["seed"]: r[metric] for r in entries[other]["runs"]}
+                seeds = sorted(mine.keys() & theirs.keys())
+                v = verdict([mine[s] for s in seeds], [theirs[s] for s in seeds], higher)
+                entry["verdicts"][what] = {"against": other, "metric": metric, **v}
     return table
 
 
@@ -513,6 +574,7 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
         title = {
             "domain": "Domain adaptation (held-out attribute-binding prompts)",
             "post": "Post-pretraining (source prompts)",
+            "appearance": "Appearance shift (source prompts, bold strokes)",
         }[task]
         metrics = [(m, label) for m, label in METRICS if any(m in e for e in entries.values())]
         lines += ["", f"## {title}", ""]
@@ -533,6 +595,20 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
                 + " | ".join(cells)
                 + f" | {e['seconds']:.0f} |"
             )
+        judged = [(name, what, v) for name, e in entries.items() for what, v in e["verdicts"].items()]
+        if judged:
+            metric, higher = MAIN_METRIC[task]
+            lines += [
+                "",
+                f"Verdicts on {metric} ({'higher' if higher else 'lower'} is better), paired by seed: *win* / *loss*"
+                " when the mean gain is beyond 2 standard errors of the paired difference, else *tie*.",
+                "",
+                "| TSM row | against | as | verdict | mean gain ± SE |",
+                "|---|---|---|---|---:|",
+            ]
+            for name, what, v in judged:
+                gain = f"{v['mean_gain']:+.3f} ± {v['se']:.3f}" if "mean_gain" in v else v.get("reason", "")
+                lines.append(f"| {name} | {v['against']} | {what} | **{v['verdict']}** | {gain} |")
     return "\n".join(lines) + "\n"
 
 
@@ -553,6 +629,9 @@ def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall
     print(md)
     bar_plot(table, out / "results.png")
     side_by_side(out, rows, done)
+    verdicts = {t: {n: e["verdicts"] for n, e in d.items() if e["verdicts"]} for t, d in table.items()}
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    (out / "results.json").write_text(json.dumps({**results, "verdicts": verdicts}, indent=2))
     return {
         "table": {
             t: {n: {k: v for k, v in e.items() if k != "runs"} for n, e in d.items()}
@@ -572,7 +651,7 @@ def bar_plot(table: dict, path: Path) -> None:
         (task, m, label)
         for task, e in table.items()
         for m, label in METRICS
-        if any(m in x for x in e.values()) and m in ("fid", "digit_acc", "color_acc")
+        if any(m in x for x in e.values()) and m in ("fid", "digit_acc", "color_acc", "ink_err")
     ]
     if not panels:
         return
@@ -618,10 +697,10 @@ def side_by_side(out: Path, rows: list[Row], done: dict, tiles: int = 32) -> Non
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="tsm bench digits", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/digits")
-    p.add_argument("--full", action="store_true", help="all rows and ablations, 3 seeds (hours)")
+    p.add_argument("--full", action="store_true", help="n = 2, 4, 8 and the ablations (quick mode: n = 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    p.add_argument("--steps", type=int, default=None, help="steps per expert (default 150; --full 400)")
+    p.add_argument("--steps", type=int, default=None, help="steps per expert (default 60)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--eval-per-prompt", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
@@ -642,8 +721,6 @@ def main(argv: list[str] | None = None) -> dict:
         return few_step(["--out", str(Path(out) / "fast"), *rest])
     args = p.parse_args(argv)
     budget = Budget()
-    if args.full:
-        budget = replace(budget, steps=400, assemble_steps=400)
     for key, value in (
         ("steps", args.steps),
         ("batch", args.batch),
@@ -653,7 +730,7 @@ def main(argv: list[str] | None = None) -> dict:
             budget = replace(budget, **{key: value})
     if args.steps is not None:
         budget = replace(budget, assemble_steps=args.steps)
-    seeds = args.seeds or ([0, 1, 2] if args.full else [0])
+    seeds = args.seeds or [0, 1, 2]  # >= 3 seeds in every mode: the verdicts are paired over them
     if os.cpu_count() and args.workers > os.cpu_count():
         raise TsmError(f"--workers {args.workers} is more than the {os.cpu_count()} CPU cores")
     cfg = BenchConfig(args.out, args.full, seeds, args.tasks, budget, args.workers, args.base)
