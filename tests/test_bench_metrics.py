@@ -94,11 +94,15 @@ def test_prompts_and_tokenizer_roundtrip():
 def test_batches_follow_their_prompts(net):
     images, labels = dd.load_digit_split("train")
     g = torch.Generator().manual_seed(0)
-    pixels, prompts = dd.make_source_batch(images, labels, 64, g)
-    assert pixels.shape == (64, 3, 8, 8) and pixels.min() >= -1 and pixels.max() <= 1
-    fg, _ = metrics.measure_colors(pixels)
-    assert all(p.startswith("digit ") for p in prompts) and all(f in dd.COLORS for f in fg)
-    assert (pixels.amin(dim=(2, 3)) == -1).all()  # the source background is black (every channel at 0)
+    pixels, prompts = dd.make_source_batch(images, labels, 256, g)
+    assert pixels.shape == (256, 3, 8, 8) and pixels.min() >= -1 and pixels.max() <= 1
+    assert all(p.startswith("digit ") for p in prompts)  # the prompt names no colour
+    # the background is black, or a quarter of the time another palette colour than the digit's
+    fg, bg = dd.source_colors(2000, torch.Generator().manual_seed(1))
+    black = (bg == 0).all(dim=1)
+    on_palette = (bg[:, None] == dd.PALETTE_RGB[None]).all(dim=2).any(dim=1)
+    assert (black | (on_palette & (bg != fg).any(dim=1))).all()
+    assert abs((~black).float().mean().item() - dd.COLORED_BACKGROUND) < 0.03
     assert (pixels.amax(dim=(2, 3)) > 0).any(dim=1).all()  # and the digit is coloured
 
     combos = dd.target_combos("train")
@@ -182,3 +186,10 @@ def test_bold_widens_every_stroke_by_one_column_and_ink_sees_it():
     bold = dd.colorize(dd.bold(images[:50]), torch.ones(50, 3), torch.zeros(50, 3))
     assert metrics.ink(bold).mean() > metrics.ink(thin).mean() + 0.1
     assert metrics.ink(thin).shape == (50,)
+    # a blue digit on yellow is darker than its background: coverage is measured from the background colour
+    blue, yellow = (
+        torch.tensor([[0.0, 0.0, 1.0]]).repeat(50, 1),
+        torch.tensor([[1.0, 1.0, 0.0]]).repeat(50, 1),
+    )
+    on_yellow = dd.colorize(torch.as_tensor(images[:50]), blue, yellow)
+    torch.testing.assert_close(metrics.ink(on_yellow), metrics.ink(thin))

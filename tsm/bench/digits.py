@@ -39,7 +39,7 @@ from tsm.errors import TsmError
 
 TASKS = ("domain", "post", "appearance")
 # the metric each task's verdicts are read on, and whether higher is better
-MAIN_METRIC = {"domain": ("color_acc", True), "post": ("fid", False), "appearance": ("ink_err", False)}
+MAIN_METRIC = {"domain": ("fid", False), "post": ("fid", False), "appearance": ("ink_err", False)}
 QUICK_NS, FULL_NS = (4,), (2, 4, 8)  # the expert counts n of each mode's rows
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "v_proj"]

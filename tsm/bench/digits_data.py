@@ -1,7 +1,7 @@
 """Data of the digits benchmark: scikit-learn's 1,797 real 8x8 handwritten digits, coloured, with prompts.
 
-Source domain: a digit drawn in a random foreground colour on a random background colour; its prompt
-names only the digit ("digit 3"). Target domain (attribute binding, as in T2I-CompBench): the prompt
+Source domain: a digit drawn in a random foreground colour on black or (a quarter of the time) on another
+colour; its prompt names only the digit ("digit 3"). Target domain (attribute binding, as in T2I-CompBench): the prompt
 names both colours ("red 3 on blue") and the image must follow it. Everything here is fixed and
 deterministic: the train/test split of the images, the train/test split of the (digit, fg, bg) combos,
 and the word-level vocabulary of the benchmark's tiny text encoder.
@@ -123,16 +123,26 @@ def target_combos(split: str) -> list[tuple[int, str, str]]:
 # ----------------------------------------------------------------------------------------------------
 # batches
 # ----------------------------------------------------------------------------------------------------
-def source_colors(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fg, bg) RGB (n, 3) of the source domain: a random palette colour on black.
+COLORED_BACKGROUND = 0.25  # the share of source images on a random palette background instead of black
 
-    Black, not a random background: with fg and bg both random and exchangeable, E[image | digit] is the
-    same grey for every digit, so a denoiser gains almost nothing from the prompt at high noise and does not
-    learn to follow it in a CPU budget. On black the digit's shape is in the mean. The target domain's
-    coloured backgrounds are then a real shift: the base model has never drawn one.
+
+def source_colors(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fg, bg) RGB (n, 3) of the source domain: a random palette colour on black, or (a quarter of the
+    time) on another random palette colour. The prompt names neither ("digit 3").
+
+    Why the coloured backgrounds: a base that has only ever drawn black backgrounds treats a coloured one as
+    noise (its epsilon error at t < 100 on the target images was 1.87, against 0.20 on its own), and every
+    fine-tuned row of the attribute-binding task then drew coloured noise: the task asked for a new kind of
+    image instead of for binding colours to words. Why mostly black: with fg and bg both random and
+    exchangeable, E[image | digit] is the same grey for every digit, so a denoiser gains almost nothing from
+    the prompt at high noise and does not learn to follow it in a CPU budget; on black the digit's shape is
+    in the mean (a base pretrained with half its backgrounds coloured drew the named digit only 90% of the
+    time at its best validated sampler, against 97% for black only).
     """
-    fg = PALETTE_RGB[torch.randint(len(COLORS), (n,), generator=generator)]
-    return fg, torch.zeros(n, 3)
+    fg = torch.randint(len(COLORS), (n,), generator=generator)
+    bg = (fg + torch.randint(1, len(COLORS), (n,), generator=generator)) % len(COLORS)
+    colored = torch.rand(n, generator=generator) < COLORED_BACKGROUND
+    return PALETTE_RGB[fg], torch.where(colored[:, None], PALETTE_RGB[bg], torch.zeros(n, 3))
 
 
 def bold(images: np.ndarray | torch.Tensor) -> torch.Tensor:

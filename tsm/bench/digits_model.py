@@ -4,7 +4,7 @@ A `UNet2DConditionModel` plus a tiny `CLIPTextModel` over the benchmark's own wo
 pretrained on the *source* domain (real 8x8 digits in random colours, prompts naming only the digit).
 The shipped weights (``assets/digits_base/``, diffusers layout) are reproduced by
 
-    python -m tsm.bench.digits_model --out tsm/bench/assets/digits_base --steps 2000 --seed 0
+    python -m tsm.bench.digits_model --out tsm/models/assets/digits_base --steps 2500 --seed 0
 
 The model itself (architecture, tokenizer, `DigitsFamily`) is an ordinary family: `tsm.models.digits`.
 """
@@ -48,7 +48,7 @@ def build_base(
 
 def pretrain_base(
     out: str | Path,
-    steps: int = 2000,
+    steps: int = 2500,
     batch: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Pretrain the digits benchmark's base model on the source domain."
     )
     p.add_argument("--out", default=str(BASE_DIR))
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
