@@ -149,7 +149,14 @@ def test_resume_after_sigkill_gives_the_same_weights(method, assets, tmp_path):
 
     sections = {
         **SECTIONS[method],
-        "train": {**SECTIONS[method].get("train", {}), "checkpoint_every": 1, "keep_last": 9},
+        # 4 + 4 steps: after the checkpoint the kill waits for, 6 remain (the run must not end first)
+        "train": {
+            **SECTIONS[method].get("train", {}),
+            "steps": 4,
+            "assemble_steps": 4,
+            "checkpoint_every": 1,
+            "keep_last": 9,
+        },  # fmt: skip
     }
     killed = write_config(tmp_path / "killed.yaml", assets, method, **sections)
     straight = write_config(tmp_path / "straight.yaml", assets, method, **sections)
