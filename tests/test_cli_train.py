@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import write_digit_clips, write_tiny_model
+from tiny_models import kill_when, subprocess_env, write_digit_clips, write_tiny_model
 
 import tsm
 from tsm.cli import main
@@ -23,7 +20,6 @@ from tsm.data import write_digits_image_folder
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 FAMILIES = ["sd15", "pixart", "sd3", "video3d"]
 DENOISER = {"sd15": "unet", "video3d": "unet", "pixart": "transformer", "sd3": "transformer"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -287,26 +283,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
 def test_resume_after_sigkill_gives_the_same_weights(assets, tmp_path):
     steps = {"steps": 10, "checkpoint_every": 2, "keep_last": 5, "validation_steps": 1}
     cfg = write_config(tmp_path / "killed.yaml", "sd15", assets, train=steps, experts={"dropout": 0.1})
     ref = write_config(tmp_path / "straight.yaml", "sd15", assets, train=steps, experts={"dropout": 0.1})
     cmd = [sys.executable, "-m", "tsm.cli", "train", str(cfg)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = tmp_path / "killed" / "checkpoints" / "step_0000004" / "state.json"
-    deadline = time.time() + 120
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, target)
     assert target.exists() and not (tmp_path / "killed" / "unet.safetensors").exists()
-    done = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout + done.stderr
     assert main(["train", str(ref)]) == 0
@@ -337,7 +324,7 @@ def test_two_processes_match_one(assets, tmp_path):
         "train",
         str(two),
     ]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["train", str(one)]) == 0
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())

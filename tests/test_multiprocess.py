@@ -12,12 +12,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import write_tiny_model
+from tiny_models import REPO, kill_when, subprocess_env, write_tiny_model
 
 from tsm.cli import main
 from tsm.data import write_digits_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -54,8 +53,7 @@ def write_config(path: Path, assets: dict, method: str, **sections) -> Path:
 
 
 def torchrun(cfg: Path, port: int) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     done = subprocess.run(
         [*cmd, "-m", "tsm.cli", "train", str(cfg)], env=env, capture_output=True, text=True, timeout=300
@@ -144,9 +142,6 @@ def test_fsdp_run_starts_and_matches_one_process(assets, tmp_path):
 @pytest.mark.parametrize("method", ["glance", "distill"])
 def test_resume_after_sigkill_gives_the_same_weights(method, assets, tmp_path):
     """Killed mid-run (after the checkpoint at step 2, in the foster stage), resumed across the switch."""
-    import signal
-    import time
-
     sections = {
         **SECTIONS[method],
         # 4 + 4 steps: after the checkpoint the kill waits for, 6 remain (the run must not end first)
@@ -160,17 +155,13 @@ def test_resume_after_sigkill_gives_the_same_weights(method, assets, tmp_path):
     }
     killed = write_config(tmp_path / "killed.yaml", assets, method, **sections)
     straight = write_config(tmp_path / "straight.yaml", assets, method, **sections)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "tsm.cli", "train", str(killed)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = tmp_path / "killed" / "checkpoints" / "step_0000002" / "state.json"
-    deadline = time.time() + 120
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, target)
     assert target.exists() and not (tmp_path / "killed" / "unet.safetensors").exists()
-    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert main(["train", str(straight)]) == 0
     a, b = (

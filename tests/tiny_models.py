@@ -168,3 +168,32 @@ def write_digit_clips(root: str | Path, n: int = 4, frames: int = 3, size: int =
             frame.save(clip / f"{f:03d}.png")
         (root / f"clip{k:03d}.txt").write_text(f"a moving digit {digits.target[k]}")
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# subprocess runs
+# ---------------------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict:
+    """The environment of a `tsm` child process: this checkout on the path, one thread, no GPU."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def kill_when(cmd: list[str], target: Path, timeout: float = 120) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``target`` exists (or it ends, or ``timeout`` passes)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

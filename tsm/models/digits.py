@@ -8,6 +8,7 @@ weights in ``assets/digits_base/``). An ordinary family: the same calling conven
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ class DigitsFamily(Family):
         return (3, 8, 8)
 
 
+@functools.cache
 def _validated_sampler() -> dict[str, Any]:
     """The (steps, guidance) `tsm.bench.digits_sampler` chose on validation data for the shipped weights."""
     import json

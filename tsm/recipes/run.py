@@ -11,6 +11,7 @@ the loss plot, validation grids, the final adapters and ``summary.json``. The re
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -40,10 +41,16 @@ STATE = "state.json"
 RECIPE_STATE = "recipe.pt"
 
 
+@functools.cache
+def _import_recipes() -> None:
+    """Import every module of `tsm.recipes` once, so that each ``@register`` has run."""
+    for module in pkgutil.iter_modules(tsm.recipes.__path__):
+        importlib.import_module(f"tsm.recipes.{module.name}")
+
+
 def recipe_class(method: str) -> type[Recipe]:
     """The recipe registered for ``train.method``; every module of `tsm.recipes` is imported to find it."""
-    for module in pkgutil.iter_modules(tsm.recipes.__path__):  # each @register runs once (cached imports)
-        importlib.import_module(f"tsm.recipes.{module.name}")
+    _import_recipes()
     if method not in RECIPES:
         raise TsmError(f"unknown train.method {method!r}; choose one of {', '.join(RECIPES)}")
     return RECIPES[method]
