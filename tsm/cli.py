@@ -35,6 +35,8 @@ def _sample(args: argparse.Namespace) -> None:
     from tsm.recipes.run import guidance_of, load_run, sample_run
 
     cfg, c = load_run(args.run)
+    side = args.resolution or cfg.data.resolution
+    size = (args.height or side, args.width or side)  # (height, width); a square passes as its side
     prompts = args.prompt or cfg.train.validation_prompts
     pairs = [(p, s) for p in prompts for s in args.seeds]
     images = sample_run(
@@ -44,7 +46,7 @@ def _sample(args: argparse.Namespace) -> None:
         [s for _, s in pairs],
         c.family.default_steps if args.steps is None else args.steps,
         guidance_of(cfg, c) if args.guidance is None else args.guidance,
-        args.resolution or cfg.data.resolution,
+        size[0] if size[0] == size[1] else size,
     )
     out = Path(args.out or Path(args.run) / "samples")
     names = [f"p{i // len(args.seeds):02d}_seed{s}" for i, (_, s) in enumerate(pairs)]
@@ -134,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="classifier-free guidance (default: the run's train.guidance_scale, else the family's)",
     )
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None, help="square side (default: data.resolution)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: --resolution)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: --resolution)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
     p.set_defaults(func=_sample)
 

@@ -51,10 +51,17 @@ class ExpertsConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # image folder (.txt sidecars or metadata.jsonl) or folder of video clips
-    resolution: int = 512  # square side in pixels after resize + crop
+    resolution: int = 512  # square side in pixels after resize + crop (and the default sampling size)
+    # aspect-ratio buckets instead of squares: [[width, height], ...] (multiples of 8), or a pixel budget
+    # (e.g. 1048576) -> sides multiples of 64, area <= budget, aspect <= 4 (tsm.data.make_buckets). None: squares
+    buckets: list[Any] | int | None = None
     center_crop: bool = True  # center crop (else random crop)
     random_flip: bool = False  # horizontal flip augmentation
-    caption_dropout: float = 0.0  # probability of training on the empty caption
+    caption_dropout: float = 0.0  # probability of training on the empty caption (applied last)
+    instance_prompt: str | None = None  # DreamBooth: every caption replaced by this prompt
+    trigger: str | None = None  # a word put in front of every caption: "trigger, caption"
+    shuffle_tags: bool = False  # captions are comma-separated tags: shuffled per item and epoch (seeded)
+    keep_tokens: int = 0  # with shuffle_tags: the first k tags stay in place (the trigger counts as one)
     num_frames: int = 16  # frames per clip (video3d)
     cache: bool = True  # cache VAE latents (and frozen text embeddings) on disk
     cache_dir: str | None = None  # default: <output_dir>/cache
@@ -266,6 +273,7 @@ def validate(cfg: Config) -> None:
         raise TsmError(f"train.log_with must be one of {', '.join(TRACKERS)}, got {cfg.train.log_with!r}")
     if cfg.data.num_workers < 0:
         raise TsmError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    _validate_data(cfg)
     if cfg.train.assemble_steps < 0:
         raise TsmError(f"train.assemble_steps must be >= 0, got {cfg.train.assemble_steps}")
     d = cfg.distill
@@ -294,6 +302,33 @@ def validate(cfg: Config) -> None:
         raise TsmError("train.assemble_steps needs glance.router=true (a context expert to route)")
     if cfg.train.only_expert is not None and len(cfg.train.only_expert) != 2:
         raise TsmError(f"train.only_expert must be [scale, index], got {cfg.train.only_expert!r}")
+
+
+def _validate_data(cfg: Config) -> None:
+    """data.buckets, trigger, tags: each failure a one-line TsmError."""
+    d, b = cfg.data, cfg.data.buckets
+    if isinstance(b, bool) or (isinstance(b, int) and b < 64 * 64):
+        raise TsmError(f"data.buckets as a pixel budget must be >= 4096 (one 64x64 bucket), got {b!r}")
+    if isinstance(b, list):
+        pairs = [tuple(p) if isinstance(p, list | tuple) else (p,) for p in b]
+        ok = [len(p) == 2 and all(type(v) is int and v >= 8 and v % 8 == 0 for v in p) for p in pairs]
+        if not b or not all(ok) or len(set(pairs)) != len(pairs):
+            raise TsmError(
+                f"data.buckets must be distinct [width, height] pairs, multiples of 8, e.g. [[512, 512], "
+                f"[640, 384]], or a pixel budget such as 262144; got {b!r}"
+            )
+    if b is not None and cfg.train.method in ("distill", "glance"):
+        raise TsmError(
+            f"data.buckets works with lora/foster/assemble; train.method={cfg.train.method} draws its own "
+            "samples: leave data.buckets unset"
+        )
+    for key in ("instance_prompt", "trigger"):
+        if getattr(d, key) is not None and not str(getattr(d, key)).strip():
+            raise TsmError(f"data.{key} is empty; give the prompt or word, or leave it unset")
+    if d.keep_tokens < 0 or (d.keep_tokens and not d.shuffle_tags):
+        raise TsmError(
+            f"data.keep_tokens={d.keep_tokens} keeps tags in place while shuffling: set data.shuffle_tags=true"
+        )
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

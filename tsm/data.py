@@ -8,10 +8,14 @@ Folders follow the diffusers / kohya conventions, so a dataset prepared for thei
       metadata.jsonl                   metadata.jsonl
     {"file_name": "sub/b.jpg", "text": "a red bicycle"}     (one JSON object a line; "caption" works too)
 
-A ``.txt`` sidecar wins over ``metadata.jsonl``. Every random choice (crop, flip, caption dropout) is drawn
-from ``(seed, epoch, index)``, so a resumed run sees the same samples as one that never stopped. The epoch
+A ``.txt`` sidecar wins over ``metadata.jsonl``. Every random choice (crop, flip, tag order, caption dropout) is
+drawn from ``(seed, epoch, index)``, so a resumed run sees the same samples as one that never stopped. The epoch
 can travel with the index (``dataset[(index, epoch)]``, what `step_loader` asks for, so DataLoader workers
 need no epoch of their own), or be set with ``dataset.set_epoch(e)`` before a plain ``dataset[index]``.
+
+Aspect-ratio buckets (``buckets=[(width, height), ...]``, or `make_buckets` from a pixel budget): each image
+goes to the bucket nearest its aspect ratio, is resized to cover it and cropped to it; `StepBatches` then draws
+every step's whole batch from one bucket, so any split into processes and micro-batches stacks.
 
 ``LatentCache`` stores tensors as safetensors files keyed by (item key, model id, tag). An item's ``key`` is
 the sha256 of its file bytes plus its crop and flip, so a cached latent is reused exactly when the pixels
@@ -31,6 +35,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +57,9 @@ VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm")  # anything PyAV decodes; mp4 is 
 CAPTION_KEYS = ("text", "caption")  # metadata.jsonl columns: diffusers' default, then kohya's name
 CACHE_FORMAT = "1"  # tsm_cache in a cache file's metadata; bump when what is stored changes
 # independent random streams per item, so turning one augmentation on never changes the others' draws
-_CROP, _FLIP, _DROPOUT = 0, 1, 2
+_CROP, _FLIP, _DROPOUT, _TAGS = 0, 1, 2, 3
+BUCKET_STEP = 64  # buckets made from a pixel budget have sides that are multiples of this (kohya's default)
+MAX_ASPECT = 4.0  # and long side / short side <= this: SDXL's own training buckets span 512x2048 .. 2048x512
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -137,32 +144,98 @@ def _decode_image(data: bytes, path: Path) -> Image.Image:
 
 @dataclass(frozen=True)
 class Crop:
-    """Where one item's square comes from: resize to (width, height), cut at (left, top), maybe mirror."""
+    """Where one item comes from: resize to (width, height), cut a crop_width x crop_height window at
+    (left, top), maybe mirror."""
 
     width: int
     height: int
     left: int
     top: int
-    size: int
+    crop_width: int
+    crop_height: int
     flip: bool
 
     @property
     def tag(self) -> str:  # part of the item key: the same file cut differently is a different latent
-        return f"{self.width}x{self.height}+{self.left}+{self.top}/{self.size}{'/flip' if self.flip else ''}"
+        w, h = self.crop_width, self.crop_height
+        size = f"{w}" if w == h else f"{w}x{h}"  # a square keeps the key it had before buckets existed
+        return f"{self.width}x{self.height}+{self.left}+{self.top}/{size}{'/flip' if self.flip else ''}"
+
+    @property
+    def top_left(self) -> tuple[int, int]:
+        """(top, left) of the crop in the resized image as the model sees it: mirrored with the flip, as
+        diffusers' SDXL scripts (flip, then crop) and kohya report SDXL's crop conditioning."""
+        left = self.width - self.left - self.crop_width if self.flip else self.left
+        return self.top, left
 
 
 def to_pixels(image: Image.Image, crop: Crop) -> torch.Tensor:
-    """Resize, crop and flip an RGB image into a float32 tensor (3, size, size) in [-1, 1]."""
+    """Resize, crop and flip an RGB image into a float32 tensor (3, crop_height, crop_width) in [-1, 1]."""
     if image.size != (crop.width, crop.height):
         # LANCZOS anti-aliases when shrinking; BICUBIC rings less when enlarging
         shrink = crop.width < image.width
         resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
         image = image.resize((crop.width, crop.height), resample=resample)
-    image = image.crop((crop.left, crop.top, crop.left + crop.size, crop.top + crop.size))
+    image = image.crop((crop.left, crop.top, crop.left + crop.crop_width, crop.top + crop.crop_height))
     if crop.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as `_decode_image` will see it, from the file's header (no decode)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that exif_transpose turns
+                width, height = height, width
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TsmError(f"cannot read image {path} ({reason}); replace or delete the file") from None
+    return width, height
+
+
+# ----------------------------------------------------------------------------------------------------
+# aspect-ratio buckets
+# ----------------------------------------------------------------------------------------------------
+def make_buckets(
+    budget: int, step: int = BUCKET_STEP, max_aspect: float = MAX_ASPECT
+) -> list[tuple[int, int]]:
+    """(width, height) buckets for a pixel budget, kohya's rule: for every width w that is a multiple of
+    ``step``, the tallest height h (a multiple of ``step``) with w * h <= budget, and its transpose (h, w);
+    plus the largest square. Pairs with long side / short side > ``max_aspect`` are left out. Sorted by
+    aspect ratio (tall to wide). ``make_buckets(1024 ** 2)`` spans 512x2048 .. 2048x512, with 1024x1024."""
+    if budget < step * step:
+        raise TsmError(
+            f"data.buckets={budget} pixels is below one {step}x{step} bucket; give at least {step**2}"
+        )
+    side = math.isqrt(budget) // step * step
+    buckets = {(side, side)}
+    for width in range(step, budget // step + 1, step):
+        height = budget // width // step * step
+        if height >= step and max(width, height) <= max_aspect * min(width, height):
+            buckets |= {(width, height), (height, width)}
+    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def resolve_buckets(spec: int | Sequence[Sequence[int]] | None) -> list[tuple[int, int]] | None:
+    """``data.buckets`` as a list of (width, height): a pixel budget goes through `make_buckets`."""
+    if spec is None:
+        return None
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return make_buckets(spec)
+    buckets = [tuple(int(v) for v in b) for b in spec]
+    if not buckets or any(len(b) != 2 or min(b) < 1 for b in buckets):
+        raise TsmError(f"data.buckets must be [[width, height], ...] of positive sizes, got {spec!r}")
+    return buckets  # type: ignore[return-value]
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> int:
+    """The index of the bucket whose aspect ratio is nearest the image's, in log ratio (so 2:1 and 1:2 are
+    as far from 1:1); a tie goes to the first listed."""
+    ratio = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - ratio))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,6 +254,10 @@ class _CaptionedFolder(Dataset):
         random_flip: bool,
         caption_dropout: float,
         seed: int,
+        instance_prompt: str | None = None,
+        trigger: str | None = None,
+        shuffle_tags: bool = False,
+        keep_tokens: int = 0,
     ) -> None:
         if resolution < 1:
             raise TsmError(f"resolution must be >= 1, got {resolution}")
@@ -188,6 +265,8 @@ class _CaptionedFolder(Dataset):
             raise TsmError(f"seed must be >= 0, got {seed}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise TsmError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if keep_tokens < 0 or (keep_tokens and not shuffle_tags):
+            raise TsmError(f"keep_tokens={keep_tokens} needs shuffle_tags (and >= 0): it keeps tags in place")
         self.root = Path(root)
         if not self.root.is_dir():
             raise TsmError(
@@ -198,9 +277,13 @@ class _CaptionedFolder(Dataset):
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
         self.seed = seed
+        self.instance_prompt, self.trigger = instance_prompt, trigger
+        self.shuffle_tags, self.keep_tokens = shuffle_tags, keep_tokens
         self.epoch = 0
         self.paths: list[Path] = []
-        self.captions: list[str] = []
+        self.captions: list[str] = []  # as read from the files
+        self.buckets: list[tuple[int, int]] | None = None  # (width, height) of each bucket; None: square
+        self.item_buckets: list[int] | None = None  # the bucket of each item (what `StepBatches` groups by)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -226,11 +309,25 @@ class _CaptionedFolder(Dataset):
         return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index, stream])
 
     def caption_at(self, index: int, epoch: int | None = None) -> str:
-        """The caption item ``index`` gets in ``epoch`` (default: the current one): "" with probability
-        caption_dropout. This is the only place training drops captions (classifier-free guidance)."""
+        """The caption item ``index`` trains on in ``epoch`` (default: the current one), built in this order:
+        ``instance_prompt`` (when set) replaces the file's caption; ``trigger`` is put in front
+        ("trigger, caption"); with ``shuffle_tags`` the comma-separated tags after the first
+        ``keep_tokens`` (the trigger counts as one, and always stays first) are shuffled, seeded by
+        (seed, epoch, index); last, "" with probability caption_dropout. This is the only place training
+        drops captions (classifier-free guidance)."""
+        caption = self.captions[index] if self.instance_prompt is None else self.instance_prompt
+        if self.trigger or self.shuffle_tags:
+            tags = [t.strip() for t in caption.split(",")] if self.shuffle_tags else [caption]
+            tags, keep = [t for t in tags if t], self.keep_tokens
+            if self.trigger:
+                tags, keep = [self.trigger, *tags], max(keep, 1)
+            if self.shuffle_tags and len(tags) - keep > 1:
+                order = self._rng(index, _TAGS, epoch).permutation(len(tags) - keep)
+                tags = tags[:keep] + [tags[keep + int(i)] for i in order]
+            caption = ", ".join(tags)
         if self.caption_dropout > 0 and self._rng(index, _DROPOUT, epoch).random() < self.caption_dropout:
             return ""
-        return self.captions[index]
+        return caption
 
     def _caption(self, what: str, media: Path, sidecars: list[Path], metadata: dict[Path, str]) -> str:
         """The caption of an image or clip; none is an error naming both ways to give one."""
@@ -243,26 +340,39 @@ class _CaptionedFolder(Dataset):
             )
         return caption
 
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(width, height) item ``index`` is cut to: its bucket's, else resolution x resolution."""
+        if self.buckets is None or self.item_buckets is None:
+            return self.resolution, self.resolution
+        return self.buckets[self.item_buckets[index]]
+
     def _crop(self, width: int, height: int, index: int, epoch: int | None = None) -> Crop:
-        """Shorter side to resolution (the other keeps the aspect ratio), then a center or seeded crop."""
-        size = self.resolution
-        scale = size / min(width, height)
-        w, h = max(size, round(width * scale)), max(size, round(height * scale))
+        """Resize to cover the target (the square, or the item's bucket) keeping the aspect ratio, then a
+        center or seeded crop. For the square this is the shorter side to resolution."""
+        out_w, out_h = self.target_size(index)
+        scale = max(out_w / width, out_h / height)
+        w, h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
         if self.center_crop:  # rounding as torchvision's CenterCrop, which diffusers' scripts use
-            left, top = round((w - size) / 2), round((h - size) / 2)
+            left, top = round((w - out_w) / 2), round((h - out_h) / 2)
         else:
             rng = self._rng(index, _CROP, epoch)
-            left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+            left, top = int(rng.integers(0, w - out_w + 1)), int(rng.integers(0, h - out_h + 1))
         flip = self.random_flip and bool(self._rng(index, _FLIP, epoch).random() < 0.5)
-        return Crop(w, h, left, top, size, flip)
+        return Crop(w, h, left, top, out_w, out_h, flip)
+
+    def _sized(self, item: dict[str, Any], image: Image.Image, crop: Crop) -> dict[str, Any]:
+        """Add SDXL's size conditioning: the source's (height, width) and the crop's (top, left)."""
+        return {**item, "original_size": (image.height, image.width), "crop_top_left": crop.top_left}
 
 
 class CaptionedImageFolder(_CaptionedFolder):
     """Images found recursively below ``root``, each with a caption; items are
-    ``{"pixels": (3, R, R) float32 in [-1, 1], "caption": str, "key": str}``.
+    ``{"pixels": (3, R, R) float32 in [-1, 1], "caption": str, "key": str, "original_size": (h, w),
+    "crop_top_left": (top, left)}``, or (3, H, W) of the image's bucket with ``buckets``.
 
     Captions are checked when the folder is opened (a missing one is an error naming the image);
-    images are decoded only when loaded, and a corrupt one is an error naming its file.
+    images are decoded only when loaded, and a corrupt one is an error naming its file (with ``buckets``
+    every header is read when the folder is opened, to assign the buckets).
     """
 
     def __init__(
@@ -273,8 +383,11 @@ class CaptionedImageFolder(_CaptionedFolder):
         random_flip: bool = False,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        buckets: Sequence[tuple[int, int]] | None = None,
+        **captions: Any,
     ) -> None:
-        super().__init__(root, resolution, center_crop, random_flip, caption_dropout, seed)
+        """``captions``: instance_prompt, trigger, shuffle_tags, keep_tokens (see `caption_at`)."""
+        super().__init__(root, resolution, center_crop, random_flip, caption_dropout, seed, **captions)
         metadata = _read_metadata(self.root)
         for folder, _, files in _walk(self.root):
             for name in filter(_is_image, files):
@@ -285,14 +398,18 @@ class CaptionedImageFolder(_CaptionedFolder):
             raise TsmError(
                 f"data folder {self.root} has no images ({', '.join(IMAGE_EXTS)}); add some or fix data.path"
             )
+        if buckets is not None:
+            self.buckets = [(int(w), int(h)) for w, h in buckets]
+            self.item_buckets = [nearest_bucket(*_image_size(p), self.buckets) for p in self.paths]
 
     def item(self, index: int, epoch: int) -> dict[str, Any]:
         path = self.paths[index]
         data = _read_bytes(path)
         image = _decode_image(data, path)
         crop = self._crop(image.width, image.height, index, epoch)
-        key = f"{hashlib.sha256(data).hexdigest()}:{crop.tag}"
-        return {"pixels": to_pixels(image, crop), "caption": self.caption_at(index, epoch), "key": key}
+        key = f"{hashlib.sha256(data).hexdigest()}:{crop.tag}"  # the tag names the crop size: per bucket
+        item = {"pixels": to_pixels(image, crop), "caption": self.caption_at(index, epoch), "key": key}
+        return self._sized(item, image, crop)
 
 
 class VideoClipFolder(_CaptionedFolder):
@@ -316,8 +433,10 @@ class VideoClipFolder(_CaptionedFolder):
         random_flip: bool = False,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        **captions: Any,
     ) -> None:
-        super().__init__(root, resolution, center_crop, random_flip, caption_dropout, seed)
+        """``captions``: instance_prompt, trigger, shuffle_tags, keep_tokens (see `caption_at`)."""
+        super().__init__(root, resolution, center_crop, random_flip, caption_dropout, seed, **captions)
         if num_frames < 1:
             raise TsmError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = num_frames
@@ -383,7 +502,9 @@ class VideoClipFolder(_CaptionedFolder):
         crop = self._crop(images[0].width, images[0].height, index, epoch)
         pixels = torch.stack([to_pixels(image, crop) for image in images], dim=1)  # (3, F, R, R)
         key = f"{digest.hexdigest()}:{self.num_frames}f:{crop.tag}"
-        return {"pixels": pixels, "caption": self.caption_at(index, epoch), "key": key}
+        return self._sized(
+            {"pixels": pixels, "caption": self.caption_at(index, epoch), "key": key}, images[0], crop
+        )
 
     def _decode_video(self, path: Path) -> list[Image.Image]:
         """The clip's sampled frames, decoding once; twice only when the container miscounts its frames."""
@@ -416,13 +537,27 @@ class VideoClipFolder(_CaptionedFolder):
         return [kept[i] for i in wanted]
 
 
+SIZE_KEYS = {"original_size": "original_sizes", "crop_top_left": "crop_top_lefts"}  # item key -> batch key
+
+
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items: pixels stacked to (B, 3, [F,] R, R); captions and keys as lists."""
-    return {
+    """Batch items: pixels stacked to (B, 3, [F,] H, W); captions, keys and (where every item has them)
+    ``original_sizes`` (h, w) and ``crop_top_lefts`` (top, left) as lists."""
+    shapes = sorted({tuple(item["pixels"].shape) for item in items})
+    if len(shapes) > 1:
+        raise TsmError(
+            f"a batch mixes pixel shapes {shapes}; with data.buckets draw every batch from one bucket "
+            "(tsm's StepBatches does)"
+        )
+    batch = {
         "pixels": torch.stack([item["pixels"] for item in items]),
         "captions": [item["caption"] for item in items],
         "keys": [item["key"] for item in items],
     }
+    for key, name in SIZE_KEYS.items():
+        if all(key in item for item in items):
+            batch[name] = [tuple(item[key]) for item in items]
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,8 +654,9 @@ def cached_latent_dist(
 
 
 def load_dataset(cfg: DataConfig, video: bool, seed: int = 0) -> CaptionedImageFolder | VideoClipFolder:
-    """The dataset a config names: an image folder, or a folder of clips for video models; its crops, flips
-    and caption dropout are drawn from (``seed``: the run's, epoch, index)."""
+    """The dataset a config names: an image folder (square crops, or ``data.buckets``), or a folder of clips
+    for video models; its crops, flips, tag order and caption dropout are drawn from (``seed``: the run's,
+    epoch, index)."""
     if not cfg.path:
         raise TsmError("data.path is empty: give a folder of images with captions (or of video clips)")
     common = dict(
@@ -529,10 +665,18 @@ def load_dataset(cfg: DataConfig, video: bool, seed: int = 0) -> CaptionedImageF
         random_flip=cfg.random_flip,
         caption_dropout=cfg.caption_dropout,
         seed=seed,
+        instance_prompt=cfg.instance_prompt,
+        trigger=cfg.trigger,
+        shuffle_tags=cfg.shuffle_tags,
+        keep_tokens=cfg.keep_tokens,
     )
     if video:
+        if cfg.buckets is not None:
+            raise TsmError(
+                "data.buckets applies to image folders; video clips are cut to data.resolution squares"
+            )
         return VideoClipFolder(cfg.path, num_frames=cfg.num_frames, **common)
-    return CaptionedImageFolder(cfg.path, **common)
+    return CaptionedImageFolder(cfg.path, buckets=resolve_buckets(cfg.buckets), **common)
 
 
 def dataset_item(dataset: Any, index: int, epoch: int) -> dict[str, Any]:
@@ -545,6 +689,12 @@ class StepBatches(Sampler):
     permutations (``randperm`` seeded by seed + epoch) read position by position, so the sample at global
     position p is the same whatever the processes, accumulation or the step a run resumed at.
 
+    With buckets (a dataset with ``item_buckets``) a whole step's global batch comes from one bucket, so
+    every micro-batch of every process stacks, whatever the split. An epoch is planned from seed + epoch
+    alone: each bucket's items in a seeded order, cut into steps of ``batch`` (the last step of a bucket
+    wraps around to its first items, so a bucket smaller than the batch repeats items), and these steps
+    shuffled; every epoch has the same number of steps, so step s's batch is a function of (seed, s).
+
     Keys are ``(index, epoch)`` for datasets with ``epoch_indexed`` (crops, flips and caption dropout then
     change every epoch, also inside DataLoader workers), else plain indices.
     """
@@ -556,9 +706,38 @@ class StepBatches(Sampler):
         self.batch, self.micro, self.local, self.rank = batch, micro, local, rank
         self.with_epoch = getattr(dataset, "epoch_indexed", False)
         self.perms: dict[int, torch.Tensor] = {}
+        item_buckets = getattr(dataset, "item_buckets", None)
+        self.groups: list[torch.Tensor] | None = None  # the items of each non-empty bucket
+        if item_buckets is not None:
+            self.groups = [
+                torch.tensor([i for i, b in enumerate(item_buckets) if b == bucket])
+                for bucket in sorted(set(item_buckets))
+            ]
+            self.steps_per_epoch = sum(math.ceil(len(g) / batch) for g in self.groups)
+        self.plans: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return (self.total - self.start) * (self.batch // self.micro)
+
+    def plan(self, epoch: int) -> torch.Tensor:
+        """(steps_per_epoch, batch) item indices of one bucketed epoch, each row from one bucket."""
+        if epoch not in self.plans:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            rows = []
+            for members in self.groups or []:
+                steps = math.ceil(len(members) / self.batch)
+                order = members[torch.randperm(len(members), generator=g)]
+                repeats = math.ceil(steps * self.batch / len(members))
+                rows.append(order.repeat(repeats)[: steps * self.batch].view(steps, self.batch))
+            rows = torch.cat(rows)
+            self.plans = {epoch: rows[torch.randperm(len(rows), generator=g)]}  # keep only the current one
+        return self.plans[epoch]
+
+    def bucket_key(self, step: int, offset: int) -> Any:
+        """The key at ``offset`` in the global batch of ``step`` (bucketed datasets)."""
+        epoch = step // self.steps_per_epoch
+        index = int(self.plan(epoch)[step % self.steps_per_epoch, offset])
+        return (index, epoch) if self.with_epoch else index
 
     def key(self, position: int) -> Any:
         epoch = position // self.n
@@ -572,8 +751,12 @@ class StepBatches(Sampler):
     def __iter__(self) -> Iterator[list[Any]]:
         for step in range(self.start, self.total):
             for k in range(self.batch // self.micro):
-                lo = step * self.batch + k * self.micro + self.rank * self.local
-                yield [self.key(p) for p in range(lo, lo + self.local)]
+                lo = k * self.micro + self.rank * self.local  # this micro-batch's offset in the step's batch
+                if self.groups is not None:
+                    yield [self.bucket_key(step, o) for o in range(lo, lo + self.local)]
+                else:
+                    p = step * self.batch + lo
+                    yield [self.key(q) for q in range(p, p + self.local)]
 
 
 def step_loader(

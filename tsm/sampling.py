@@ -13,9 +13,12 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tsm.errors import TsmError
 from tsm.inject import ATTR, set_timesteps
 from tsm.intervals import expert_index
-from tsm.models import Components
+from tsm.models import Components, Family
+
+Resolution = int | tuple[int, int]  # a square side, or (height, width), in pixels
 
 
 class PromptEncoder:
@@ -47,6 +50,20 @@ class PromptEncoder:
         return self.cache[key]
 
 
+def _size(c: Components, resolution: Resolution, num_frames: int) -> tuple[Resolution, tuple[int, ...]]:
+    """``resolution`` (a square as its side) and one sample's latent shape. Families with their own
+    `latent_shape` (2x2-packed Flux/Qwen tokens, digits) sample squares only."""
+    if not isinstance(resolution, int):
+        height, width = (int(v) for v in resolution)
+        resolution = height if height == width else (height, width)
+        if height != width and type(c.family).latent_shape is not Family.latent_shape:
+            raise TsmError(
+                f"the {c.family.name} family samples square images only; give --resolution, or equal "
+                "--width and --height"
+            )
+    return resolution, c.family.latent_shape(c, resolution, num_frames)
+
+
 def _denoise(c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """The denoiser in its own dtype (a bf16 base under mixed precision); the sampler's state stays float32."""
     dtype = next(c.denoiser.parameters()).dtype
@@ -60,12 +77,13 @@ def sample(
     seeds: Sequence[int],
     steps: int = 25,
     guidance_scale: float = 5.0,
-    resolution: int = 512,
+    resolution: Resolution = 512,
     num_frames: int = 16,
     negative_prompt: str = "",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] (clips (N, 3, F, H, W) for video), one per (prompt, seed) pair.
+    """Images (N, 3, H, W) in [-1, 1] (clips (N, 3, F, H, W) for video), one per (prompt, seed) pair, at
+    ``resolution``: a square side, or (height, width).
 
     Each sample's initial noise comes from its own seed, so a tile does not depend on the batch around it.
     """
@@ -75,7 +93,7 @@ def sample(
     family, device = c.family, next(c.denoiser.parameters()).device
     for m in (c.denoiser, *c.text_encoders.values(), c.vae):
         m.eval()
-    shape = family.latent_shape(c, resolution, num_frames)
+    resolution, shape = _size(c, resolution, num_frames)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     scheduler = c.scheduler
     family.set_timesteps(c, steps, resolution, device)
@@ -134,7 +152,7 @@ def sample_timesteps_list(
     final: float | None = None,
     guidance_scale: float = 1.0,
     renoise: bool = False,
-    resolution: int = 512,
+    resolution: Resolution = 512,
     num_frames: int = 16,
     negative_prompt: str = "",
 ) -> torch.Tensor:
@@ -148,7 +166,7 @@ def sample_timesteps_list(
     family, device, objective = c.family, next(c.denoiser.parameters()).device, c.objective
     for m in (c.denoiser, *c.text_encoders.values(), c.vae):
         m.eval()
-    shape = family.latent_shape(c, resolution, num_frames)
+    _, shape = _size(c, resolution, num_frames)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     cond = PromptEncoder(c, prompts)

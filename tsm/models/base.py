@@ -207,11 +207,15 @@ class Family:
             x = x.reshape(b, f, *x.shape[1:]).permute(0, 2, 1, 3, 4)
         return x.clamp(-1, 1)
 
-    def latent_shape(self, c: Components, resolution: int, num_frames: int) -> tuple[int, ...]:
+    def latent_shape(
+        self, c: Components, resolution: int | tuple[int, int], num_frames: int
+    ) -> tuple[int, ...]:
+        """One sample's latent shape for ``resolution``: a square side, or (height, width), in pixels."""
         factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
-        side = resolution // factor
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
         ch = c.vae.config.latent_channels
-        return (ch, num_frames, side, side) if self.video else (ch, side, side)
+        h, w = height // factor, width // factor
+        return (ch, num_frames, h, w) if self.video else (ch, h, w)
 
 
 def _objective_options(options: Mapping[str, Any] | None, default_weighting: str) -> dict[str, Any]:
