@@ -4,14 +4,15 @@ Layers, lowest first (imports may only point down, or stay within a layer):
 
     core      tsm/__init__.py intervals spec routing router experts inject grads objectives errors images
     models    tsm/models/
-    services  tsm/data.py sampling.py io.py config.py
+    services  tsm/data.py sampling.py io.py config.py optimizers.py
     recipes   tsm/recipes/
     bench     tsm/bench/
     cli       tsm/cli.py
 
 Inside services the order is what the modules import today: ``data`` imports ``config`` and ``io``; ``io``,
-``config`` and ``sampling`` import no other service. Inside recipes, a method never imports another method:
-only ``base`` (what they share) and ``run`` (the loop, which finds methods through the registry).
+``config`` and ``sampling`` import no other service; ``optimizers`` imports ``config``. Inside recipes, a
+method never imports another method: only ``base`` (what they share) and ``run`` (the loop, which finds
+methods through the registry).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ CORE = (
     "errors",
     "images",
 )
-SERVICES = ("data", "sampling", "io", "config")
+SERVICES = ("data", "sampling", "io", "config", "optimizers", "comfyui")
 # within services: a module may import only services of a lower rank (the order of today's imports)
-SERVICES_RANK = {"tsm.io": 0, "tsm.config": 0, "tsm.sampling": 0, "tsm.data": 1}
+SERVICES_RANK = {"tsm.io": 0, "tsm.config": 0, "tsm.sampling": 0, "tsm.data": 1, "tsm.optimizers": 1, "tsm.comfyui": 1}
 # the package's own __init__ is the public facade: it re-exports tsm.io's save/load/export_lora (a service
 # that itself imports core modules only, checked below), so `tsm.save(...)` works after `import tsm`
 KNOWN_UPWARD = {("tsm/__init__.py", "tsm.io")}

@@ -58,15 +58,20 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from tsm import io
+    from tsm import comfyui, io
     from tsm.inject import ATTR
     from tsm.recipes.run import load_run
 
-    _, c = load_run(args.run)
+    if args.comfyui is None and args.out is None:
+        raise TsmError("pass --out (a file, or a folder with --all/--timesteps) or --comfyui DIR")
+    cfg, c = load_run(args.run)
     name = args.module or c.family.denoiser_subfolder
     modules = c.modules()
     if name not in modules or getattr(modules[name], ATTR, None) is None:
         raise TsmError(f"module {name!r} has no experts in {args.run}; choose from {', '.join(modules)}")
+    if args.comfyui is not None:
+        _export_comfyui(args, cfg, c)
+        return
     # the keys' prefix is the component's name, so that pipe.load_lora_weights puts each LoRA into the part it
     # came from (text_encoder_2, not the first text encoder, which the class alone would suggest)
     if args.timesteps:
@@ -74,13 +79,45 @@ def _export(args: argparse.Namespace) -> None:
             io.export_step_lora(modules[name], t, Path(args.out) / f"t{t:g}.safetensors", prefix=name)
             for t in args.timesteps
         ]
-        print(f"wrote {len(paths)} per-step LoRA files to {args.out}")
     elif args.all:
         paths = io.export_all_lora(modules[name], args.out, prefix=name)
-        print(f"wrote {len(paths)} LoRA files to {args.out}")
     else:
-        io.export_lora(modules[name], args.out, scale=args.scale, index=args.index, prefix=name)
-        print(f"wrote {args.out}")
+        paths = [io.export_lora(modules[name], args.out, scale=args.scale, index=args.index, prefix=name)]
+    if args.format != "diffusers":  # renamed in place from the diffusers file, by diffusers' converters
+        n_text = len(c.family.text_subfolders)
+        for path in paths:
+            comfyui.convert_file(path, path, args.format, c.family.name, n_text)
+    print(f"wrote {len(paths)} {args.format} LoRA file(s) to {args.out}")
+
+
+def _export_comfyui(args: argparse.Namespace, cfg: object, c: object) -> None:
+    """One ComfyUI LoRA per finest-scale interval of the denoiser, and the API workflow that switches them."""
+    from tsm import comfyui
+    from tsm.inject import ATTR
+    from tsm.recipes.run import guidance_of
+
+    if args.module not in (None, c.family.denoiser_subfolder):
+        raise TsmError("--comfyui exports the denoiser's experts; leave out --module")
+    side = args.resolution or cfg.data.resolution
+    texts = [n for n, m in c.text_encoders.items() if getattr(m, ATTR, None) is not None]
+    paths = comfyui.export_run(
+        c.denoiser,
+        c.family.name,
+        dict(c.scheduler.config),
+        args.comfyui,
+        prefix=c.family.denoiser_subfolder,
+        width=side,
+        height=side,
+        ckpt_name=args.ckpt,
+        prompt=(args.prompt or (cfg.train.validation_prompts or [""])[0]),
+        negative_prompt=args.negative_prompt,
+        steps=c.family.default_steps if args.steps is None else args.steps,
+        cfg=guidance_of(cfg, c) if args.guidance is None else args.guidance,
+        seed=args.seed,
+    )
+    print(f"wrote {len(paths) - 1} ComfyUI LoRA files and {paths[-1]}")
+    if texts:
+        print(f"note: the workflow switches the denoiser only; {', '.join(texts)} experts are not in it")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -156,7 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="one LoRA per sampling step into the folder --out: every expert active at t, merged into one",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="the file (or folder, with --all / --timesteps) to write")
+    p.add_argument(
+        "--format",
+        choices=["diffusers", "kohya", "comfyui"],
+        default="diffusers",
+        help="key names: diffusers/PEFT, kohya (lora_unet_/lora_te_, .alpha), or what ComfyUI maps for the family",
+    )
+    p.add_argument(
+        "--comfyui",
+        default=None,
+        metavar="DIR",
+        help="fostered or t_only runs: one ComfyUI LoRA per interval and workflow_api.json switching them by step",
+    )
+    p.add_argument("--ckpt", default="model.safetensors", help="--comfyui: the checkpoint file ComfyUI loads")
+    p.add_argument(
+        "--prompt", default=None, help="--comfyui: the prompt (default: the first validation prompt)"
+    )
+    p.add_argument("--negative-prompt", default="", help="--comfyui: the negative prompt")
+    p.add_argument("--steps", type=int, default=None, help="--comfyui: sampler steps (default: the family's)")
+    p.add_argument("--guidance", type=float, default=None, help="--comfyui: cfg (default: as tsm sample)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="--comfyui: image side (default: data.resolution)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="--comfyui: the sampler seed")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="built-in benchmarks: digits (quality), digits-fast (few-step), speed")

@@ -25,6 +25,7 @@ from torch import nn
 from tsm.errors import TsmError
 from tsm.inject import expert_layers, get_routing
 from tsm.intervals import check_timesteps, expert_index, interval_bounds
+from tsm.routing import hat_weights
 from tsm.spec import ExpertSpec
 
 FORMAT = "1"  # tsm_format in the metadata; bump when the key layout changes
@@ -130,7 +131,7 @@ def _spec_diff(
     file: ExpertSpec, model: ExpertSpec, ignored: tuple[str, ...] = SPEC_FIELDS_IGNORED
 ) -> list[str]:
     """'rank 4 != 8' for every field that differs (file value first), compared as their JSON forms."""
-    a, b = json.loads(file.to_json()), json.loads(model.to_json())
+    a, b = json.loads(json.dumps(file.as_dict())), json.loads(json.dumps(model.as_dict()))
     return [f"{k} {a[k]} != {b[k]}" for k in a if k not in ignored and a[k] != b.get(k)]
 
 
@@ -326,13 +327,35 @@ def export_lora(
     tensors = {}
     for name, layer in expert_layers(model):
         _check_exportable(name, layer)
-        tensors[f"{head}{name}.lora_A.weight"] = layer.lora_A[key].detach()  # (r, in[, *k])
-        tensors[f"{head}{name}.lora_B.weight"] = layer.scaling * layer.lora_B[key].detach()  # (out, r[, 1..])
+        a, b = _stacked(layer, [(key, 1.0)])
+        tensors[f"{head}{name}.lora_A.weight"] = a  # (r0 + r, in[, *k]); r0 = 0 without a shared expert
+        tensors[f"{head}{name}.lora_B.weight"] = b  # (out, r0 + r[, 1..])
     lo, hi = interval_bounds(index, spec.scales[scale], spec.num_timesteps)
     expert = {"scale": scale, "index": index, "interval": [lo, hi]}
     # "format": "pt" is what diffusers' own save_lora_weights writes
     metadata = {"format": "pt", "tsm_spec": spec.to_json(), "tsm_expert": json.dumps(expert)}
     return _atomic_save(tensors, path, metadata)
+
+
+def _stacked(layer: nn.Module, terms: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA (A, B) with B A = sum_k w_k s B_k A_k (+ s0 B0 A0 with a shared expert, first): the ranks
+    concatenated, every scaling and weight baked into B, as diffusers loads a LoRA without alpha at scale 1."""
+    a = [layer.lora_A[k].detach() for k, _ in terms]
+    b = [w * layer.scaling * layer.lora_B[k].detach() for k, w in terms]
+    if layer.shared_A is not None:
+        a.insert(0, layer.shared_A.detach())
+        b.insert(0, layer.shared_scaling * layer.shared_B.detach())
+    return torch.cat(a), torch.cat(b, 1)
+
+
+def _core_terms(spec: ExpertSpec, t: float) -> list[tuple[str, float]]:
+    """The finest-scale expert(s) of t and their weights: one (hard), or the smooth blend of two."""
+    tt = torch.tensor([float(t)])
+    if spec.routing == "hard":
+        return [(f"s0_i{int(expert_index(tt, spec.scales[0], spec.num_timesteps)[0])}", 1.0)]
+    lo, hi, w = hat_weights(tt, spec.scales[0], spec.num_timesteps)
+    lo, hi, w = int(lo[0]), int(hi[0]), float(w[0])
+    return [(f"s0_i{lo}", 1.0)] if w == 0.0 else [(f"s0_i{lo}", 1.0 - w), (f"s0_i{hi}", w)]
 
 
 def export_all_lora(model: nn.Module, directory: PathLike, prefix: str | None = None) -> list[Path]:
@@ -352,38 +375,39 @@ def export_step_lora(model: nn.Module, t: float, path: PathLike, prefix: str | N
     core and every context expert of t, weighted by its gate E[t], stacked into one LoRA of their summed
     rank -- exactly the layer's update at t. A gate that reads the layer's input (F(z)) makes the update
     non-linear in the input, so it cannot be written as a LoRA: that is refused. Fuse the file into the
-    base weights (``pipe.fuse_lora()``) and a step costs what a base-model step costs.
+    base weights (``pipe.fuse_lora()``) and a step costs what a base-model step costs. Variants: a shared
+    expert is stacked in front (rank r0 + r); smooth routing writes both blended experts of t, weighted.
     """
     routing = get_routing(model)
     spec = routing.spec
     check_timesteps(torch.tensor([float(t)]), spec.num_timesteps)
     index = int(expert_index(torch.tensor(float(t)), spec.scales[0], spec.num_timesteps))
-    if routing.stage != "assemble" or len(spec.scales) == 1:
+    assembled = routing.stage == "assemble" and len(spec.scales) > 1
+    if not assembled and spec.routing == "hard":
         return export_lora(model, path, scale=0, index=index, prefix=prefix)
-    if spec.router != "t_only":
+    if assembled and spec.router != "t_only":
         raise TsmError(
             f"the {spec.router} router's gates depend on the layer's input, so an assembled step is not a LoRA; "
             "export the core experts (--scale 0 --index i) or assemble with experts.router=t_only"
         )
     t_index = min(int(float(t)), spec.num_timesteps - 1)
-    keys = [
+    core = _core_terms(spec, t)
+    context = [
         f"s{s}_i{int(expert_index(torch.tensor(float(t)), sc, spec.num_timesteps))}"
         for s, sc in enumerate(spec.scales)
+        if s > 0 and assembled
     ]
     prefix = default_prefix(model) if prefix is None else prefix
     head = f"{prefix}." if prefix else ""
     tensors = {}
     for name, layer in expert_layers(model):
         _check_exportable(name, layer)
-        gates = (layer.router.table[t_index] + layer.router.offset).detach()  # (g,)
-        weights = [1.0, *gates.tolist()]  # the core is always on
-        a = torch.cat([layer.lora_A[k].detach() for k in keys])  # (m r, in[, *k])
-        b = torch.cat(
-            [w * layer.scaling * layer.lora_B[k].detach() for w, k in zip(weights, keys, strict=True)], 1
-        )
-        tensors[f"{head}{name}.lora_A.weight"] = a
-        tensors[f"{head}{name}.lora_B.weight"] = b  # (out, m r[, 1..])
-    step = {"t": float(t), "experts": keys}
+        gates = (layer.router.table[t_index] + layer.router.offset).detach().tolist() if context else []
+        # the core is always on; context expert j weighted by its gate E[t]_j
+        a, b = _stacked(layer, core + list(zip(context, gates, strict=True)))
+        tensors[f"{head}{name}.lora_A.weight"] = a  # (r0 + sum of ranks, in[, *k])
+        tensors[f"{head}{name}.lora_B.weight"] = b  # (out, r0 + sum of ranks[, 1..])
+    step = {"t": float(t), "experts": [k for k, _ in core] + context}
     metadata = {"format": "pt", "tsm_spec": spec.to_json(), "tsm_step": json.dumps(step)}
     return _atomic_save(tensors, path, metadata)
 
@@ -435,6 +459,8 @@ def import_lora(
     spec = get_routing(model).spec
     keys = _expert_keys(spec, scale, index)
     tensors = dict(lora) if isinstance(lora, Mapping) else _open(lora, read_tensors=True)[1]
+    if tensors and all(k.startswith(KOHYA_HEADS) for k in tensors):
+        tensors = _from_kohya(tensors)
     names = _strip_component(list(tensors), prefix, model)
 
     modules: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {"A", "B", "alpha"}
@@ -481,6 +507,47 @@ def import_lora(
     return {"loaded": sorted(modules), "missing": sorted(layers.keys() - modules.keys())}
 
 
+KOHYA_HEADS = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # what diffusers' kohya detection reads
+
+
+def _from_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kohya LoRA (``lora_unet_…``, ``lora_te…``) as PEFT keys with the component prefix, alpha folded into B.
+
+    The names are diffusers' own conversion (``StableDiffusionPipeline.lora_state_dict``, then
+    ``convert_unet_state_dict_to_peft`` / ``convert_state_dict_to_peft``); alpha is applied here per module
+    (B * alpha / r) because the converter's alpha names miss the attention layers.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    scaled = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            continue
+        if suffix == "lora_up.weight" and f"{module}.alpha" in tensors:
+            rank = tensors[f"{module}.lora_down.weight"].shape[0]
+            value = value * (float(tensors[f"{module}.alpha"]) / rank)
+        scaled[key] = value
+    try:
+        converted, _ = StableDiffusionPipeline.lora_state_dict(scaled)
+    except ValueError as e:
+        raise TsmError(f"cannot convert the kohya LoRA: {str(e).strip().splitlines()[0]}") from None
+    unet = convert_unet_state_dict_to_peft({k: v for k, v in converted.items() if k.startswith("unet.")})
+    text = {k: v for k, v in converted.items() if not k.startswith("unet.")}
+    for kind in (StateDictType.DIFFUSERS_OLD, StateDictType.DIFFUSERS):  # attention, then fc1/fc2 names
+        text = convert_state_dict_to_peft(text, kind)
+    out = {**unet, **text}
+    # kohya names keep CLIP's text_model. level, which transformers >= 5 no longer has
+    return {
+        k.replace(".text_model.", ".", 1) if k.startswith("text_encoder") else k: v for k, v in out.items()
+    }
+
+
 def _fit(src: torch.Tensor, ours: torch.Tensor, name: str, what: str) -> torch.Tensor:
     """``src`` as float32 in the shape of ``ours``; trailing 1x1 kernel dims may be absent in the source."""
     same_core = src.shape[:2] == ours.shape[:2] and src.numel() == ours.numel()
@@ -489,3 +556,43 @@ def _fit(src: torch.Tensor, ours: torch.Tensor, name: str, what: str) -> torch.T
             f"LoRA {what} of {name} has shape {tuple(src.shape)}, the experts need {tuple(ours.shape)}"
         )
     return src.detach().to(torch.float32).reshape(ours.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-step switching in a diffusers pipeline
+# ----------------------------------------------------------------------------------------------------
+def expert_switch_callback(
+    pipe: object,
+    adapters: Iterable[str],
+    spec: ExpertSpec,
+    num_inference_steps: int | None = None,
+) -> object:
+    """A ``callback_on_step_end`` that switches the pipeline's LoRA adapter to the expert of each step's t.
+
+    ``adapters``: the adapter names of the finest scale's experts, interval 0 (lowest t) first, loaded with
+    ``pipe.load_lora_weights(path, adapter_name=name)``. The callback runs after step i, so it sets the expert
+    of step i + 1 (``pipe.scheduler.timesteps[i + 1]``). The first step's expert is set here, before the call:
+    that of ``timesteps[0]`` when ``num_inference_steps`` is given (the scheduler is set to that many steps, as
+    the pipeline will set it), else the expert of the highest t, where text-to-image sampling starts.
+    """
+    adapters = list(adapters)
+    n = spec.experts_per_scale[0]
+    if len(adapters) != n:
+        raise TsmError(f"the finest scale has {n} experts; pass {n} adapter names, got {len(adapters)}")
+
+    def expert_of(t: object) -> str:
+        return adapters[int(expert_index(torch.as_tensor(float(t)), spec.scales[0], spec.num_timesteps))]
+
+    if num_inference_steps is not None:
+        pipe.scheduler.set_timesteps(num_inference_steps)
+        pipe.set_adapters(expert_of(pipe.scheduler.timesteps[0]))
+    else:
+        pipe.set_adapters(adapters[-1])
+
+    def callback(pipeline: object, i: int, t: object, kwargs: dict) -> dict:
+        timesteps = pipeline.scheduler.timesteps
+        if i + 1 < len(timesteps):
+            pipeline.set_adapters(expert_of(timesteps[i + 1]))
+        return kwargs
+
+    return callback
