@@ -27,6 +27,7 @@ LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
 )  # fmt: skip
 TRACKERS = ("tensorboard", "wandb", "none")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")  # = tsm.optimizers.build_optimizer's
 
 
 @dataclass
@@ -46,6 +47,8 @@ class ExpertsConfig:
     targets: list[str] | None = None  # denoiser modules (None: the family's default)
     text_targets: list[str] | None = None  # text-encoder modules (None: the family's default; []: none)
     router: str = "asymmetric"  # asymmetric | symmetric | z_only | t_only
+    shared_rank: int = 0  # > 0: also one full-range LoRA of this rank on every sample (shared + residual)
+    routing: str = "hard"  # hard (paper) | smooth: the finest scale's two nearest experts, hat-weighted in t
 
 
 @dataclass
@@ -70,10 +73,19 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # AdamW learning rate of the denoiser's adapters
-    weight_decay: float = 1e-2  # AdamW weight decay (denoiser)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    eps: float = 1e-8  # AdamW epsilon
+    # adamw (torch) | adamw8bit (bitsandbytes, CUDA: tsm[bnb]) | prodigy (prodigyopt: tsm[prodigy]) |
+    # adafactor (transformers, relative_step / scale_parameter / warmup_init off: it uses lr)
+    name: str = "adamw"
+    lr: float = 1e-4  # learning rate of the denoiser's adapters (prodigy: a multiplier of its own, ~1.0)
+    weight_decay: float = 1e-2  # decoupled weight decay (denoiser; prodigy: see prodigy_decouple)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas (adafactor: ignored)
+    eps: float = 1e-8  # Adam epsilon (adafactor: ignored, it keeps its own (1e-30, 1e-3))
+    # prodigy only, as diffusers' dreambooth LoRA scripts (--prodigy_*) and prodigyopt's advice for diffusion
+    prodigy_d_coef: float = 1.0  # scales prodigy's step-size estimate d (> 1: larger steps)
+    prodigy_use_bias_correction: bool = True  # Adam's bias correction of the estimate
+    prodigy_safeguard_warmup: bool = True  # keep lr out of d's denominator (safe under lr warm-up)
+    prodigy_beta3: float | None = None  # EMA coefficient of d's statistics (None: sqrt(betas[1]))
+    prodigy_decouple: bool = True  # AdamW-style decoupled weight decay (False: L2 added to the gradient)
     text_lr: float | None = None  # text-encoder adapters (None: = lr)
     text_weight_decay: float | None = None  # text-encoder adapters (None: = weight_decay)
     max_grad_norm: float | None = 1.0  # per-expert gradient clipping (None: off)
@@ -133,6 +145,12 @@ class TrainConfig:
     method: str = "foster"  # lora (plain LoRA, n=1) | foster | assemble | distill | glance
     experts_from: str | None = None  # assemble: the fostered checkpoint (a run dir or experts .safetensors)
     only_expert: list[int] | None = None  # foster a single expert [scale, index], as the paper ran them
+    # foster: the first round(fraction x steps) steps train one LoRA on every t (expert s0_i0, all samples
+    # routed to it), then it is copied into every expert and each specialises on its interval (0: off)
+    warm_start_fraction: float = 0.0
+    # assemble: the experts keep training at this lr (their own param group) while the routers learn at
+    # optim.lr (None: the experts stay frozen, the paper's assembling)
+    assemble_experts_lr: float | None = None
     steps: int = 4000  # optimizer steps (distill: generator updates)
     assemble_steps: int = 0  # distill/glance with a context expert: router-only steps after `steps`
     batch_size: int = 64  # global batch (split over processes and accumulation steps)
@@ -269,10 +287,23 @@ def validate(cfg: Config) -> None:
         raise TsmError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
     if cfg.optim.ema_decay is not None and not 0 < cfg.optim.ema_decay < 1:
         raise TsmError(f"optim.ema_decay must be in (0, 1), got {cfg.optim.ema_decay}")
+    op = cfg.optim
+    if op.name not in OPTIMIZERS:
+        raise TsmError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
+    if op.name == "prodigy" and op.lr < 0.1:  # its steps are d * lr (diffusers warns below 0.1)
+        raise TsmError(f"optim.name=prodigy estimates its own step size: set optim.lr=1.0 (got {op.lr})")
+    if op.name == "prodigy" and op.text_lr is not None and op.text_lr != op.lr:  # one lr for all its groups
+        raise TsmError(f"optim.name=prodigy takes one learning rate: unset optim.text_lr (got {op.text_lr})")
+    if op.prodigy_d_coef <= 0 or (op.prodigy_beta3 is not None and not 0 <= op.prodigy_beta3 < 1):
+        raise TsmError("optim.prodigy_d_coef must be > 0 and optim.prodigy_beta3 in [0, 1)")
     if cfg.train.log_with not in TRACKERS:
         raise TsmError(f"train.log_with must be one of {', '.join(TRACKERS)}, got {cfg.train.log_with!r}")
     if cfg.data.num_workers < 0:
         raise TsmError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.experts.shared_rank < 0:
+        raise TsmError(f"experts.shared_rank must be >= 0 (0: none), got {cfg.experts.shared_rank}")
+    if cfg.experts.routing not in ("hard", "smooth"):
+        raise TsmError(f"experts.routing must be hard or smooth, got {cfg.experts.routing!r}")
     _validate_data(cfg)
     if cfg.train.assemble_steps < 0:
         raise TsmError(f"train.assemble_steps must be >= 0, got {cfg.train.assemble_steps}")
@@ -302,6 +333,29 @@ def validate(cfg: Config) -> None:
         raise TsmError("train.assemble_steps needs glance.router=true (a context expert to route)")
     if cfg.train.only_expert is not None and len(cfg.train.only_expert) != 2:
         raise TsmError(f"train.only_expert must be [scale, index], got {cfg.train.only_expert!r}")
+    tc = cfg.train
+    if not 0 <= tc.warm_start_fraction < 1:
+        raise TsmError(f"train.warm_start_fraction must be in [0, 1), got {tc.warm_start_fraction}")
+    if tc.warm_start_fraction > 0:
+        if tc.method != "foster" or tc.only_expert is not None:
+            raise TsmError(
+                "train.warm_start_fraction needs train.method=foster with every expert (no only_expert); "
+                "set it to 0"
+            )
+        warm = round(tc.warm_start_fraction * tc.steps)
+        if not 0 < warm < tc.steps:
+            raise TsmError(
+                f"train.warm_start_fraction={tc.warm_start_fraction} of {tc.steps} steps gives {warm} warm "
+                "steps; choose a fraction that leaves at least one warm and one specialising step"
+            )
+    if tc.assemble_experts_lr is not None:
+        if tc.method != "assemble":
+            raise TsmError(
+                f"train.assemble_experts_lr applies to train.method=assemble (got {tc.method}; glance and "
+                "distill keep their experts frozen when they assemble); remove it"
+            )
+        if tc.assemble_experts_lr <= 0:
+            raise TsmError(f"train.assemble_experts_lr must be > 0 (or unset), got {tc.assemble_experts_lr}")
 
 
 def _validate_data(cfg: Config) -> None:

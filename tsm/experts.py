@@ -4,6 +4,9 @@ For input x and the routing of the current forward (see `tsm.routing`), with s =
 
     y = base(x) + s * B[main] A[main] x                         # core (or the fostered expert): no gate
                 + s * sum_j G_j(x, t) * B[ctx_j] A[ctx_j] x     # context experts: assembling stage only
+                + s0 * B0 A0 x                                  # shared expert (shared_rank > 0): every t
+
+With smooth routing the core term is s * ((1 - w) B[lo] A[lo] + w B[hi] A[hi]) x (`tsm.routing.hat_weights`).
 
 The base layer is wrapped, never copied. Each expert's A and B are separate parameters (``lora_A.s0_i3``),
 so an expert that received no sample gets no gradient (``grad is None``) and its optimizer state does not
@@ -12,9 +15,12 @@ move: training all experts in one run equals training them one by one.
 Paths:
 - mixed batch, linear: gather each sample's A/B and use batched matmuls; convs: group the batch by expert;
 - one expert for the whole batch: plain matmuls/convs with that expert's weights;
-- eval mode with autograd off: the core expert is merged into the base weight when the interval changes,
-  so sampling costs what the base model costs. The original weight is kept and copied back on unmerge,
-  so it is restored exactly after any number of switches.
+- eval mode with autograd off: the core expert (+ shared) is merged into the base weight when the interval
+  changes (smooth routing: the blend, at every step), so sampling costs what the base model costs. The
+  original weight is kept and copied back on unmerge, so it is restored exactly after any number of switches;
+- the fast path: once merged with nothing gated, and while the model's hook sees the same routing, the
+  layer's ``forward`` *is* the base layer's bound forward (an instance attribute), so the wrapper costs one
+  module call; `Routing.leave_fast_path` takes it away when the routing changes.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch import nn
 
 from tsm.errors import TsmError
 from tsm.router import Router
-from tsm.routing import Route, Routing
+from tsm.routing import Route, Routing, RoutingState, expand_batch
 from tsm.spec import ExpertSpec
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -74,15 +80,29 @@ class ExpertLayer(nn.Module):
             self.lora_B[key] = nn.Parameter(
                 torch.zeros(b_shape, device=device)
             )  # B = 0: starts as the base layer
+        self.shared_scaling = spec.shared_scaling
+        self.shared_A: nn.Parameter | None = None
+        self.shared_B: nn.Parameter | None = None
+        if spec.shared_rank:  # one full-range LoRA of rank r0 on every sample: A0 (r0, in[, *k]), B0 = 0
+            r0 = spec.shared_rank
+            a = torch.empty((r0, *a_shape[1:]), device=device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.shared_A = nn.Parameter(a)
+            self.shared_B = nn.Parameter(torch.zeros((b_shape[0], r0, *b_shape[2:]), device=device))
         self.router = (
             Router(base_layer, spec.num_gates, spec.num_timesteps, spec.router)
             if spec.num_gates > 0
             else None
         )
         self.symmetric = spec.router == "symmetric"
-        self.merged: int | None = None  # global id of the expert merged into the base weight
+        self.merged: int | tuple[int, int, float] | None = None  # expert id (or smooth blend) merged in
         self._base_weight: torch.Tensor | None = None  # original weight while merged
         self.train(base_layer.training)  # a model loaded in eval mode stays in eval mode (merge, no dropout)
+
+    def expert_params(self) -> list[nn.Parameter]:
+        """Every expert's A and B, and the shared expert's (what fostering trains and assembling freezes)."""
+        shared = [self.shared_A, self.shared_B] if self.shared_A is not None else []
+        return [*self.lora_A.values(), *self.lora_B.values(), *shared]
 
     # ------------------------------------------------------------------------------------------------
     # single expert
@@ -92,13 +112,28 @@ class ExpertLayer(nn.Module):
             return F.linear(F.linear(x, a), b)  # (B, *, r) -> (B, *, out)
         return self.conv_fn(self.conv_fn(x, a, **self.conv_kwargs), b)  # (B, r, *) -> (B, out, *)
 
-    def delta_weight(self, expert: int) -> torch.Tensor:
-        """s * B A for one expert, shaped like the base weight (float32)."""
-        key = self.keys[expert]
-        a, b = self.lora_A[key], self.lora_B[key]
+    def _product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """B A shaped like the base weight: (out, in) or (out, in, *kernel)."""
         if self.conv_fn is None:
-            return self.scaling * (b @ a)
-        return self.scaling * torch.einsum("or,ri...->oi...", b.flatten(1), a)
+            return b @ a
+        return torch.einsum("or,ri...->oi...", b.flatten(1), a)
+
+    def delta_weight(self, expert: int | tuple[int, int, float]) -> torch.Tensor:
+        """The weight update of a merge key: s * B A for one expert, or (1 - w) s B_lo A_lo + w s B_hi A_hi
+        for a smooth blend; plus s0 * B0 A0 when there is a shared expert (float32)."""
+        if isinstance(expert, tuple):
+            lo, hi, w = expert
+            delta = (1.0 - w) * self.delta_weight_of(lo) + w * self.delta_weight_of(hi)
+        else:
+            delta = self.delta_weight_of(expert)
+        if self.shared_A is not None:
+            delta = delta + self.shared_scaling * self._product(self.shared_A, self.shared_B)
+        return delta
+
+    def delta_weight_of(self, expert: int) -> torch.Tensor:
+        """s * B A for one expert alone (no shared part), shaped like the base weight (float32)."""
+        key = self.keys[expert]
+        return self.scaling * self._product(self.lora_A[key], self.lora_B[key])
 
     # ------------------------------------------------------------------------------------------------
     # mixed batches
@@ -126,12 +161,38 @@ class ExpertLayer(nn.Module):
             out = out.index_copy(0, idx, y)
         return self.scaling * out
 
+    def _core(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        """The main path: one expert per sample, or smooth routing's per-sample blend of two."""
+        main = self._route(x, state.main)
+        blend = state.blend
+        if blend is None or blend.uniform == 0.0:
+            return main
+        if blend.uniform is not None and blend.route.uniform == state.main.uniform:
+            return main  # hi = lo for the whole batch (weight 0 on hi)
+        w = expand_batch(blend.weight, x.shape[0]).reshape(-1, *[1] * (x.dim() - 1))  # (B, 1, ...)
+        return (1.0 - w) * main + w * self._route(x, blend.route)
+
+    def _shared(self, x: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
+        """s0 * B0 A0 x. Fostering: sample b's gradient into A0, B0 is scaled by ``grad_scale[b]`` (so the
+        shared expert trains on the plain batch mean) while the gradient it sends back to x is unchanged."""
+        if grad_scale is None or not torch.is_grad_enabled():
+            return self.shared_scaling * self._lora(x, self.shared_A, self.shared_B)
+        c = expand_batch(grad_scale, x.shape[0]).reshape(-1, *[1] * (x.dim() - 1))  # (B, 1, ...)
+        if x.requires_grad:
+            x = x.view_as(x)  # its own node: only the shared branch's gradient to x is rescaled
+            x.register_hook(lambda g: g / c)
+        y = self.shared_scaling * self._lora(x, self.shared_A, self.shared_B)
+        if y.requires_grad:
+            y.register_hook(lambda g: g * c)
+        return y
+
     # ------------------------------------------------------------------------------------------------
     # merge / unmerge
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, expert: int) -> None:
-        """Put expert ``expert`` (global id) into the base weight; a no-op if it is there already."""
+    def merge(self, expert: int | tuple[int, int, float]) -> None:
+        """Put expert ``expert`` (global id, or a smooth blend (lo, hi, w)) into the base weight; a no-op
+        if it is there already."""
         if self.merged == expert:
             return
         weight = self.base_layer.weight
@@ -144,7 +205,8 @@ class ExpertLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the original base weight exactly."""
+        """Restore the original base weight exactly (and leave the fast path)."""
+        self.__dict__.pop("forward", None)
         if self._base_weight is not None:
             self.base_layer.weight.copy_(self._base_weight)
         self._base_weight = None
@@ -164,29 +226,31 @@ class ExpertLayer(nn.Module):
                 "expert layer called before any timestep was set: call the model with a `timestep`, "
                 "or tsm.set_timesteps(model, t) for a model that has none (text encoders)"
             )
-        main = state.main
-        merge = (
-            not self.training
-            and not torch.is_grad_enabled()
-            and main.uniform is not None
-            and not self.symmetric
-        )
+        key = state.merge_key
+        merge = not self.training and not torch.is_grad_enabled() and key is not None and not self.symmetric
         if merge:
-            self.merge(main.uniform)
+            self.merge(key)
         elif self.merged is not None:
             self.unmerge()
         out = self.base_layer(x, *args, **kwargs)
-        if merge and not state.context:
-            return out  # sampling a fostered model: exactly the base model's cost
+        if merge and not state.context:  # sampling a fostered model: exactly the base model's cost
+            routing = self.routing
+            if routing.fast_key is not None and routing.hook_handle is not None:
+                # the hook re-checks the routing every forward and calls leave_fast_path on any change
+                self.forward = self.base_layer.forward
+                routing.fast_layers.append(self)
+            return out
         z = x.to(torch.float32)
         zd = self.dropout(z)
         gates = self.router(z, state.t_index) if (state.context or self.symmetric) else None
         gate_axis = -1 if self.conv_fn is None else 1
         delta = None
         if not merge:
-            delta = self._route(zd, main)
+            delta = self._core(zd, state)
             if self.symmetric:
                 delta = delta * gates.narrow(gate_axis, 0, 1)
+            if self.shared_A is not None:
+                delta = delta + self._shared(zd, state.shared_grad)
         first = 1 if self.symmetric else 0
         for j, route in enumerate(state.context):
             term = gates.narrow(gate_axis, first + j, 1) * self._route(zd, route)

@@ -142,7 +142,7 @@ def set_stage(model: nn.Module, stage: str) -> None:
         p.requires_grad_(False)
     for _, layer in expert_layers(model):
         layer.unmerge()
-        for p in (*layer.lora_A.values(), *layer.lora_B.values()):
+        for p in layer.expert_params():  # the routed experts and the shared one: trained in fostering only
             p.requires_grad_(stage == "foster")
         if layer.router is not None:
             for p in layer.router.parameters():

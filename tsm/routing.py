@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tsm.errors import TsmError
-from tsm.intervals import check_timesteps, expert_index
+from tsm.intervals import Scale, check_timesteps, expert_index, interval_bounds, num_intervals
 from tsm.spec import ExpertSpec
 
 STAGES = ("foster", "assemble")
@@ -58,12 +58,61 @@ def expand_batch(per_sample: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @dataclass
+class Blend:
+    """Smooth routing's second expert of each sample: the main expert gets weight 1 - w, this one w."""
+
+    route: Route
+    weight: torch.Tensor  # (B,) float32 on the layers' device, in [0, 1)
+    uniform: float | None  # the weight of every sample, when all samples share it
+
+
+@dataclass
 class RoutingState:
     """What one forward routes: the main path (core, or the fostered expert), and the context paths."""
 
     main: Route
     context: list[Route]  # one per context scale (assembling stage), empty otherwise
     t_index: torch.Tensor  # (B,) long row of the router's timestep table E
+    loss_ids: torch.Tensor | None = (
+        None  # (B,) host: samples of one id share a loss mean (expert_loss_weights)
+    )
+    blend: Blend | None = None  # smooth routing: each sample's second core expert and its weight
+    shared_grad: torch.Tensor | None = None  # (B,) factor on the shared expert's gradient (fostering)
+
+    @property
+    def merge_key(self) -> int | tuple[int, int, float] | None:
+        """What the core path adds when the whole batch shares it: an expert id, (lo, hi, w) for a smooth
+        blend of two, or None when samples differ (no merge)."""
+        lo = self.main.uniform
+        if lo is None or self.blend is None:
+            return lo
+        hi, w = self.blend.route.uniform, self.blend.uniform
+        if hi is None or w is None:
+            return None
+        return lo if w == 0.0 else (lo, hi, w)
+
+
+def hat_weights(
+    t: torch.Tensor, scale: Scale, num_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Smooth routing at one scale: (lo, hi, w) per t, the output being (1 - w) * expert lo + w * expert hi.
+
+    Each interval's expert has weight 1 at the interval's centre and falls linearly to 0 at the neighbouring
+    centres (a hat function); below the first centre or above the last the end expert has weight 1. Where
+    w = 0 (a centre, or an end) hi = lo, so no second expert enters the graph.
+    """
+    n = num_intervals(scale)
+    centres = torch.tensor(
+        [sum(interval_bounds(i, scale, num_timesteps)) / 2 for i in range(n)], dtype=torch.float64
+    )  # (n,)
+    td = t.double()
+    lo = (torch.bucketize(td, centres, right=True) - 1).clamp(0, n - 1)  # the last centre <= t
+    hi = (lo + 1).clamp(max=n - 1)
+    span = (centres[hi] - centres[lo]).clamp(min=1e-12)
+    w = ((td - centres[lo]) / span).clamp(0.0, 1.0)
+    w = torch.where(hi == lo, torch.zeros_like(w), w)
+    hi = torch.where(w == 0, lo, hi)
+    return lo, hi, w.float()
 
 
 class Routing:
@@ -72,17 +121,45 @@ class Routing:
     Stages: in ``foster`` training each sample goes through exactly one expert: the scale given by
     ``foster_scales`` (default: sample b trains scale ``b % m``) and the interval of its t at that scale. In
     ``foster`` eval, and in ``assemble``, the main path is the core (scale 0) expert of t; ``assemble`` adds
-    one gated context path per coarser scale.
+    one gated context path per coarser scale. ``spec.routing == "smooth"`` blends the finest scale's two
+    nearest experts (`hat_weights`) wherever that scale is routed; coarser scales stay hard.
+
+    Fast path: while a sampler calls the model (eval, autograd off) and the routed core stays the same, expert
+    layers that merged it call their base layer directly (see `ExpertLayer`); every routing change
+    (`set_timesteps` with another interval or mode, ``active``, `set_stage`) sends them back to the full forward.
     """
 
     def __init__(self, spec: ExpertSpec) -> None:
         self.spec = spec
         self.stage = "foster"
         self.foster_scales: torch.Tensor | int | None = None  # per-sample scale to train while fostering
-        self.active = True  # False: every expert layer computes its base layer alone (see tsm.experts_off)
+        # per-sample factor on the shared expert's gradient, set by a caller whose loss weights span more
+        # than one forward (micro-batches, processes); None: count_b / B of this forward (`loss_weights`)
+        self.shared_grad_scale: torch.Tensor | None = None
+        self._active = True
         self.state: RoutingState | None = None
+        self.hook_handle = None
+        self.fast_key: tuple | None = None  # the routing the fast layers were set up for (None: no fast path)
+        self.fast_layers: list = []  # expert layers that currently call their base layer directly
         counts = spec.experts_per_scale
         self.offsets = [sum(counts[:s]) for s in range(len(counts))]  # global id of expert 0 of each scale
+
+    @property
+    def active(self) -> bool:
+        """False: every expert layer computes its base layer alone (see tsm.experts_off)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
+        self.leave_fast_path()
+
+    def leave_fast_path(self) -> None:
+        """Send every layer on the fast path back to the full forward (it re-checks its merge there)."""
+        for layer in self.fast_layers:
+            layer.__dict__.pop("forward", None)  # the class's forward again
+        self.fast_layers.clear()
+        self.fast_key = None
 
     def set_timesteps(
         self, t: torch.Tensor | float, batch_size: int | None = None, training: bool = False
@@ -103,19 +180,91 @@ class Routing:
         check_timesteps(t, spec.num_timesteps)
         per_scale = [expert_index(t, s, spec.num_timesteps, check=False) for s in spec.scales]  # m x (B,)
         t_index = (t.floor() if t.dtype.is_floating_point else t).long().clamp(0, spec.num_timesteps - 1)
+        smooth = spec.routing == "smooth"
+        if smooth:  # the finest scale: (1 - w) * expert lo + w * expert hi
+            lo, hi, w = hat_weights(t, spec.scales[0], spec.num_timesteps)
+            per_scale[0] = lo
 
         if self.stage == "foster" and training:
             scale_of = self._foster_scales(t.shape[0])  # (B,)
             offsets = torch.tensor(self.offsets)[scale_of]
-            chosen = torch.stack(per_scale).gather(0, scale_of[None]).squeeze(0)
-            self.state = RoutingState(Route.from_ids(offsets + chosen, device), [], t_index.to(device))
-            return
-        context = []
-        if self.stage == "assemble":
-            context = [
-                Route.from_ids(self.offsets[s] + per_scale[s], device) for s in range(1, len(per_scale))
-            ]
-        self.state = RoutingState(Route.from_ids(per_scale[0], device), context, t_index.to(device))
+            ids = offsets + torch.stack(per_scale).gather(0, scale_of[None]).squeeze(0)
+            blend = None
+            if smooth:  # samples of coarser scales: hi = lo with weight 0, i.e. their one expert
+                fine = scale_of == 0
+                blend = self._blend(torch.where(fine, hi, ids), torch.where(fine, w, 0.0), device)
+            loss_ids = self.loss_ids(t, scale_of, per_scale)
+            self.state = RoutingState(
+                Route.from_ids(ids, device),
+                [],
+                t_index.to(device),
+                loss_ids=loss_ids,
+                blend=blend,
+                shared_grad=self._shared_grad(loss_ids, device),
+            )
+        else:
+            context = []
+            if self.stage == "assemble":
+                context = [
+                    Route.from_ids(self.offsets[s] + per_scale[s], device) for s in range(1, len(per_scale))
+                ]
+            self.state = RoutingState(
+                Route.from_ids(per_scale[0], device),
+                context,
+                t_index.to(device),
+                blend=self._blend(hi, w, device) if smooth else None,
+            )
+        self._check_fast_path(training)
+
+    def _blend(self, hi: torch.Tensor, w: torch.Tensor, device: torch.device) -> Blend:
+        first = float(w[0])
+        uniform = first if bool((w == first).all()) else None
+        return Blend(Route.from_ids(hi, device), w.to(device), uniform)
+
+    def loss_ids(
+        self, t: torch.Tensor, scale_of: torch.Tensor, per_scale: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Fostering: the samples that share an id share one loss mean (`tsm.expert_loss_weights`).
+
+        Hard routing: the global id of each sample's expert, so every expert trains on its own mean loss.
+        Smooth routing: every finest-scale sample gets id 0, since neighbouring experts share samples: the
+        finest scale is one LoRA that varies continuously with t, trained on the mean loss of its samples.
+        """
+        spec = self.spec
+        if per_scale is None:
+            per_scale = [expert_index(t, s, spec.num_timesteps) for s in spec.scales]
+        ids = torch.tensor(self.offsets)[scale_of] + torch.stack(per_scale).gather(0, scale_of[None])[0]
+        if spec.routing == "smooth":
+            ids = torch.where(scale_of == 0, torch.zeros_like(ids), ids)
+        return ids
+
+    def _shared_grad(self, loss_ids: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """The shared expert's per-sample gradient factor: it trains on the plain batch mean, so a sample
+        weighted 1 / n_e by its expert's mean gets its shared gradient scaled by n_e / B."""
+        if not self.spec.shared_rank:
+            return None
+        if self.shared_grad_scale is not None:
+            scale = torch.as_tensor(self.shared_grad_scale, dtype=torch.float32).reshape(-1)
+            if scale.numel() != loss_ids.numel():
+                raise TsmError(
+                    f"shared_grad_scale has {scale.numel()} values for a batch of {loss_ids.numel()}; "
+                    "set one per sample (or None)"
+                )
+            return scale.to(device)
+        _, inverse, counts = torch.unique(loss_ids, return_inverse=True, return_counts=True)
+        return (counts[inverse].float() / loss_ids.numel()).to(device)
+
+    def _check_fast_path(self, training: bool) -> None:
+        """Keep the fast layers only if this forward routes exactly as the one they were set up for."""
+        state = self.state
+        key = None
+        if not training and not torch.is_grad_enabled() and self._active and not state.context:
+            merge = state.merge_key
+            if merge is not None:
+                key = (merge, self.stage, state.main.ids.shape[0])
+        if key is None or key != self.fast_key:
+            self.leave_fast_path()
+        self.fast_key = key
 
     def _foster_scales(self, batch: int) -> torch.Tensor:
         m = len(self.spec.scales)
@@ -136,3 +285,4 @@ class Routing:
             raise TsmError(f"stage must be 'foster' or 'assemble', got {stage!r}")
         self.stage = stage
         self.state = None
+        self.leave_fast_path()

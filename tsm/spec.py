@@ -10,6 +10,10 @@ from tsm.errors import TsmError
 from tsm.intervals import DEFAULT_NUM_TIMESTEPS, Scale, check_scales, num_intervals
 
 ROUTERS = ("asymmetric", "symmetric", "z_only", "t_only")
+ROUTINGS = ("hard", "smooth")
+# fields left out of the JSON while they hold these defaults, so a faithful-TSM file is byte-identical to one
+# written before the variants existed (and older tsm versions still read it)
+_OMIT_DEFAULTS = {"shared_rank": 0, "routing": "hard"}
 
 
 @dataclass
@@ -36,6 +40,11 @@ class ExpertSpec:
         1.0  # multiplies the model's `timestep` argument (1000 for Flux-style t in [0, 1])
     )
 
+    shared_rank: int = 0  # > 0: one full-range LoRA of this rank on every sample, beside the routed experts
+    routing: str = (
+        "hard"  # hard (paper): the interval's expert | smooth: the finest scale's two nearest, hat-weighted
+    )
+
     def __post_init__(self) -> None:
         self.scales = check_scales(self.scales, self.num_timesteps)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -53,11 +62,25 @@ class ExpertSpec:
             raise TsmError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if not self.timestep_scale > 0:
             raise TsmError(f"timestep_scale must be positive, got {self.timestep_scale!r}")
+        if (
+            isinstance(self.shared_rank, bool)
+            or not isinstance(self.shared_rank, int)
+            or self.shared_rank < 0
+        ):
+            raise TsmError(f"shared_rank must be an int >= 0 (0: no shared expert), got {self.shared_rank!r}")
+        if self.routing not in ROUTINGS:
+            raise TsmError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
 
     @property
     def scaling(self) -> float:
         """The factor s = alpha / rank in front of every B A x."""
         return float(self.alpha) / self.rank
+
+    @property
+    def shared_scaling(self) -> float:
+        """The factor s0 in front of the shared B0 A0 x: the experts' alpha / rank, so that the shared part
+        and an expert of equal weights contribute alike (PEFT's rule with lora_alpha = alpha * r0 / r)."""
+        return self.scaling
 
     @property
     def experts_per_scale(self) -> tuple[int, ...]:
@@ -73,9 +96,17 @@ class ExpertSpec:
         """Parameter names of all experts, in global order: ``s{scale}_i{index}``, finest scale first."""
         return [f"s{s}_i{i}" for s, n in enumerate(self.experts_per_scale) for i in range(n)]
 
-    def to_json(self) -> str:
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (scales as lists)."""
         d = asdict(self)
         d["scales"] = [s if isinstance(s, int) else list(s) for s in self.scales]
+        return d
+
+    def to_json(self) -> str:
+        d = self.as_dict()
+        for key, default in _OMIT_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return json.dumps(d, sort_keys=True)
 
     @classmethod

@@ -12,6 +12,7 @@ experts together equals fostering them one by one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 from tsm import io
 from tsm.errors import TsmError
 from tsm.grads import clip_grad_norm_per_expert
-from tsm.inject import adapter_params, get_routing, set_stage, set_timesteps
+from tsm.inject import adapter_params, expert_layers, get_routing, set_stage, set_timesteps
 from tsm.intervals import expert_index
 from tsm.recipes.base import (
     DiffusionLoss,
@@ -32,6 +33,7 @@ from tsm.recipes.base import (
     register,
     step_generator,
 )
+from tsm.routing import Route, RoutingState
 
 
 @register("lora", "foster", "assemble")
@@ -48,6 +50,16 @@ class LoraFosterRecipe(Recipe):
         tc = cfg.train
         if tc.method == "assemble":
             load_fostered(c, Path(tc.experts_from))
+        # joint assembling: set_stage froze the experts; they train on (in their own param group, see
+        # expert_groups), switched on before `prepare` since DDP registers the parameters that train when it wraps
+        self.joint = tc.method == "assemble" and tc.assemble_experts_lr is not None
+        if self.joint:
+            for module in expert_modules(c).values():
+                for p in expert_weights(module):
+                    p.requires_grad_(True)
+        # warm start: steps 0 .. warm_steps - 1 train expert WARM alone on every t (see `begin`)
+        self.warm_steps = round(tc.warm_start_fraction * tc.steps) if tc.method == "foster" else 0
+        self.warm_hooks: list[Any] = []
         self.per_expert = tc.batch_per_expert and tc.method == "foster" and tc.only_expert is None
         self.batch = self.global_batch()
         world = acc.num_processes
@@ -59,7 +71,7 @@ class LoraFosterRecipe(Recipe):
         self.micro = self.batch // tc.grad_accum
         self.local = self.micro // world
         self.model = acc.prepare(DiffusionLoss(c, cache))  # DDP when there are several processes
-        self.opt, self.sched = make_optimizer(cfg, c, acc)
+        self.opt, self.sched = make_optimizer(cfg, c, acc, extra_groups=self.expert_groups())
         self.ema = make_ema(cfg, c)
         from tsm.data import step_loader
 
@@ -67,6 +79,58 @@ class LoraFosterRecipe(Recipe):
             dataset, cfg, self.batch, self.micro, self.local, acc.process_index, self.total_steps()
         )
         self.batches: Any = None
+
+    def expert_groups(self) -> list[dict[str, Any]]:
+        """Joint assembling: the experts' param groups at ``train.assemble_experts_lr`` (each module's weight
+        decay, as make_optimizer's); none otherwise."""
+        if not self.joint:
+            return []
+        o, groups = self.cfg.optim, []
+        for name, module in expert_modules(self.c).items():
+            text = name != self.c.family.denoiser_subfolder
+            wd = o.text_weight_decay if text and o.text_weight_decay is not None else o.weight_decay
+            lr = self.cfg.train.assemble_experts_lr
+            groups.append({"params": expert_weights(module), "lr": lr, "weight_decay": wd})
+        return groups
+
+    # --- warm start --------------------------------------------------------------------------------------
+    def begin(self, step: int) -> None:
+        """Warm start: route every sample to expert WARM before ``warm_steps``; at it, copy that LoRA into
+        every expert. A resumed run re-enters the phase of its step (begin(start - 1), then the checkpoint is
+        loaded): inside the warm phase the hooks go back on, after it nothing is copied again."""
+        warm = step < self.warm_steps
+        if warm and not self.warm_hooks:
+            for module in expert_modules(self.c).values():  # after the timestep hook: it routes by t first
+                self.warm_hooks.append(module.register_forward_pre_hook(_route_to_warm))
+        elif not warm and self.warm_hooks:
+            self.specialise()
+
+    def specialise(self) -> None:
+        """The end of the warm phase: every expert of every scale starts from the warm LoRA.
+
+        The optimizer state is dropped (only the warm expert had any): its moments are those of the
+        full-range gradient, whose scale differs from each interval's (the loss at high t is far larger than
+        at low t), and dropping them treats every expert alike, so each expert's run from here equals
+        fostering it alone from the warm LoRA. The LR schedule continues (it counts the run's steps). The EMA
+        of each expert continues from the warm LoRA's average, as if it had been that expert all along.
+        """
+        for hook in self.warm_hooks:
+            hook.remove()
+        self.warm_hooks = []
+        shadow = {}
+        if self.ema is not None:
+            shadow = {id(p): s for p, s in zip(self.ema_params(), self.ema.shadow_params, strict=True)}
+        with torch.no_grad():
+            for module in expert_modules(self.c).values():
+                for _, layer in expert_layers(module):
+                    layer.unmerge()  # a merged base weight would keep the old expert
+                    for bank in (layer.lora_A, layer.lora_B):
+                        source = bank[layer.keys[WARM]]
+                        for key in layer.keys:
+                            bank[key].copy_(source)
+                            if shadow:
+                                shadow[id(bank[key])].copy_(shadow[id(source)])
+        self.opt.state.clear()
 
     def global_batch(self) -> int:
         """Samples per step over all processes: ``batch_size``, or per expert with ``batch_per_expert``."""
@@ -101,20 +165,21 @@ class LoraFosterRecipe(Recipe):
             t = c.objective.sample_t(self.batch, g)
             scales = torch.arange(self.batch) % m  # sample b fosters scale b % m
         if cfg.train.method == "assemble":
-            weights = torch.full((self.batch,), 1.0 / self.batch)  # one mixture: the plain mean
+            # one mixture: the plain mean, also when the experts train on (joint assembling), since the
+            # routers are shared by every t; each expert is still clipped on its own (max_grad_norm)
+            weights = torch.full((self.batch,), 1.0 / self.batch)
         else:  # each expert's own mean loss (see tsm.expert_loss_weights)
             ids = self.expert_ids(t, scales)
+            if step < self.warm_steps:  # warm start: every sample trains expert WARM, one LoRA
+                ids = torch.full_like(ids, WARM)
             weights = 1.0 / torch.bincount(ids)[ids].float()
         seed = int(torch.randint(0, 2**62, (1,), generator=g))
         return {"t": t, "scales": scales, "weights": weights}, seed
 
     def expert_ids(self, t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """The global id of the expert each sample trains (its scale's interval, offset by the scale)."""
-        routing = get_routing(self.c.denoiser)
-        spec = routing.spec
-        offsets = torch.tensor(routing.offsets)  # global id of each scale's first expert
-        per_scale = torch.stack([expert_index(t, s, spec.num_timesteps) for s in spec.scales])
-        return per_scale.gather(0, scales[None])[0] + offsets[scales]
+        """The loss group of each sample: the global id of the expert it trains (its scale's interval, offset
+        by the scale); with smooth routing one group for the finest scale (`Routing.loss_ids`)."""
+        return get_routing(self.c.denoiser).loss_ids(t, scales)
 
     # --- one step --------------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -134,6 +199,8 @@ class LoraFosterRecipe(Recipe):
             mine = {key: v[sl] for key, v in draws.items()}
             seeds = [seed + b for b in range(lo, lo + self.local)]  # one generator per sample
             sync = k == tc.grad_accum - 1
+            for m in expert_modules(c).values():  # a shared expert trains on the global batch's plain mean
+                get_routing(m).shared_grad_scale = 1.0 / (self.batch * mine["weights"])
             with acc.no_sync(self.model) if not sync else nullcontext():
                 loss, per_sample = self.micro_step(next(self.batches), mine, seeds)
                 acc.backward(loss)
@@ -176,7 +243,8 @@ class LoraFosterRecipe(Recipe):
                 set_timesteps(module, t)
         noise = c.objective.draw_noise(tuple(latents.shape[1:]), gens).to(acc.device)
         with acc.autocast():
-            per_sample = self.model(latents, noise, t, batch["captions"])
+            sizes = batch.get("original_sizes"), batch.get("crop_top_lefts")  # SDXL's size conditioning
+            per_sample = self.model(latents, noise, t, batch["captions"], *sizes)
         weighted = (draws["weights"].to(acc.device) * per_sample).sum() * acc.num_processes
         return weighted, per_sample
 
@@ -203,6 +271,24 @@ class LoraFosterRecipe(Recipe):
 
 
 # ---------------------------------------------------------------------------------------------------------
+WARM = 0  # global id of the expert trained as the warm-start LoRA (s0_i0; any expert would do)
+
+
+def expert_weights(module: nn.Module) -> list[nn.Parameter]:
+    """Every expert's A and B in ``module`` (the routers left out)."""
+    return [p for _, layer in expert_layers(module) for p in (*layer.lora_A.values(), *layer.lora_B.values())]
+
+
+def _route_to_warm(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of the warm phase, run after the timestep hook (or set_timesteps) routed the forward by
+    t: every sample goes through expert WARM instead, one LoRA over all t (the single-expert path)."""
+    routing = get_routing(module)
+    state = routing.state
+    if state is not None:
+        ids = torch.full((len(state.main.ids),), WARM)  # (B,)
+        routing.state = RoutingState(Route.from_ids(ids, state.t_index.device), [], state.t_index)
+
+
 def load_fostered(c: Any, source: Path) -> None:
     """Load the experts of a fostered run (its dir, or the denoiser's experts file), frozen: stage assemble."""
     for name, module in expert_modules(c).items():
@@ -212,13 +298,20 @@ def load_fostered(c: Any, source: Path) -> None:
         set_stage(module, "assemble")
 
 
-def make_optimizer(cfg: Any, c: Any, acc: Any) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the adapters (text encoders with their own lr / weight decay) and diffusers' LR schedule."""
+def make_optimizer(
+    cfg: Any, c: Any, acc: Any, extra_groups: Sequence[dict[str, Any]] = ()
+) -> tuple[torch.optim.Optimizer, Any]:
+    """``optim.name``'s optimizer over the adapters (text encoders with their own lr / weight decay) and
+    diffusers' LR schedule. ``extra_groups``: more param groups, after the adapters' (which leave their
+    parameters out)."""
     from diffusers.optimization import get_scheduler
 
+    from tsm.optimizers import build_optimizer
+
+    taken = {id(p) for group in extra_groups for p in group["params"]}
     groups = []
     for name, module in expert_modules(c).items():
-        params = adapter_params(module)
+        params = [p for p in adapter_params(module) if id(p) not in taken]
         if not params:
             continue
         text = name != c.family.denoiser_subfolder
@@ -226,9 +319,10 @@ def make_optimizer(cfg: Any, c: Any, acc: Any) -> tuple[torch.optim.Optimizer, A
         lr = o.text_lr if text and o.text_lr is not None else o.lr
         wd = o.text_weight_decay if text and o.text_weight_decay is not None else o.weight_decay
         groups.append({"params": params, "lr": lr, "weight_decay": wd})
+    groups.extend(extra_groups)
     # fused AdamW: one kernel for the many small per-expert tensors (adapters are float32)
     fused = acc.device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
+    opt = build_optimizer(cfg.optim, groups, fused=fused)
     opt = acc.prepare(opt)
     sched = get_scheduler(
         cfg.optim.lr_scheduler,

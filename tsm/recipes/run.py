@@ -78,6 +78,8 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
         dropout=e.dropout,
         targets=e.targets or family.default_targets,
         router=e.router,
+        shared_rank=e.shared_rank,
+        routing=e.routing,
         num_timesteps=c.objective.num_timesteps,
         timestep_scale=family.timestep_scale,
     )
