@@ -197,3 +197,123 @@ def kill_when(cmd: list[str], target: Path, timeout: float = 120) -> None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wan (WanPipeline layout)
+# ---------------------------------------------------------------------------------------------------------
+def tiny_wan_transformer(seed: int = 0):
+    """A 2-block WanTransformer3DModel: 2x2 patches of 4 latent channels, 32-d text (the tiny UMT5's width)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
+
+
+def write_tiny_wan(path: str | Path, boundary_ratio: float | None = None) -> Path:
+    """A tiny random WanPipeline folder saved with WanPipeline.save_pretrained: transformer/, vae/ (x8 space,
+    x4 time, as Wan's VAE), text_encoder/ (UMT5), tokenizer/, scheduler/ (Wan 2.1's shipped UniPC config).
+    ``boundary_ratio`` adds Wan 2.2's low-noise transformer_2/ (other weights) and the pipeline's boundary."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    )
+    torch.manual_seed(0)
+    text = UMT5EncoderModel(
+        UMT5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    ).eval()
+    scheduler = UniPCMultistepScheduler(  # Wan2.1-T2V-1.3B-Diffusers' scheduler_config.json
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000,
+        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
+    )  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=text,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=tiny_wan_transformer(0),
+        transformer_2=tiny_wan_transformer(1) if boundary_ratio is not None else None,
+        boundary_ratio=boundary_ratio,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SDXL
+# ---------------------------------------------------------------------------------------------------------
+def tiny_sdxl_unet():
+    """An SDXL UNet ("text_time" added conditioning): cross-attention on the two CLIP widths side by side
+    (32 + 32), added embedding of 6 time ids x 8 + the pooled projection 32."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
+
+
+def write_tiny_sdxl(path: str | Path, force_zeros_for_empty_prompt: bool = True) -> Path:
+    """A tiny random StableDiffusionXLPipeline folder, written by the pipeline's own save_pretrained (so its
+    model_index.json is the real one): unet/, vae/, text_encoder/ (CLIPTextModel), text_encoder_2/
+    (CLIPTextModelWithProjection), tokenizer/, tokenizer_2/, scheduler/ (SDXL's Euler config)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(  # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025),
+        text_encoder=tiny_clip_text(0),
+        text_encoder_2=tiny_clip_text_with_projection(1),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=tiny_sdxl_unet(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)

@@ -8,7 +8,7 @@ since E[t] changes with t.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +48,15 @@ class PromptEncoder:
                     set_timesteps(m, torch.tensor(float(t)))
             self.cache[key] = self.c.family.encode_prompt(self.c, self.prompts)
         return self.cache[key]
+
+
+def _negative(c: Components, negative_prompt: str, n: int) -> Callable[[float, dict], dict]:
+    """Guidance's unconditional embeddings at t, given the prompts' (``cond``): the encoded negative prompt,
+    or zeros like ``cond`` where the family's pipeline zeros an empty one (SDXL)."""
+    if c.family.zero_negative(c, negative_prompt):
+        return lambda t, cond: {k: torch.zeros_like(v) for k, v in cond.items()}
+    encode = PromptEncoder(c, [negative_prompt] * n)
+    return lambda t, cond: encode(t)
 
 
 def _size(c: Components, resolution: Resolution, num_frames: int) -> tuple[Resolution, tuple[int, ...]]:
@@ -101,16 +110,19 @@ def sample(
     latents = torch.stack(noise).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)  # (N, C, [F,] h, w)
     cfg = guidance_scale > 1.0
     cond = PromptEncoder(c, prompts)
-    uncond = PromptEncoder(c, [negative_prompt] * len(prompts)) if cfg else None
+    uncond = _negative(c, negative_prompt, len(prompts)) if cfg else None
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         tt = t.to(device).expand(len(prompts))
         if cfg:  # one batch of [uncond; cond], as the diffusers pipelines do
-            kw = {k: torch.cat([uncond(t)[k], v]) for k, v in cond(t).items()}
+            pos = cond(t)
+            neg = uncond(t, pos)
+            kw = {k: torch.cat([neg[k], v]) for k, v in pos.items()}
+            kw = family.size_conditioning(c, kw, torch.cat([x, x]))  # the sampled size, crop (0, 0)
             pred_u, pred_c = _denoise(c, torch.cat([x, x]), torch.cat([tt, tt]), kw).chunk(2)
             pred = family.guide(pred_u, pred_c, guidance_scale)
         else:
-            pred = _denoise(c, x, tt, cond(t))
+            pred = _denoise(c, x, tt, family.size_conditioning(c, cond(t), x))
         latents = scheduler.step(pred, t, latents).prev_sample
     return family.decode(c, latents).float().cpu()
 
@@ -170,17 +182,20 @@ def sample_timesteps_list(
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
     cond = PromptEncoder(c, prompts)
-    uncond = PromptEncoder(c, [negative_prompt] * len(prompts)) if guidance_scale > 1.0 else None
+    uncond = _negative(c, negative_prompt, len(prompts)) if guidance_scale > 1.0 else None
     points = [*timesteps, final]
     for t_now, t_next in zip(points[:-1], points[1:], strict=True):
         dtype = torch.float32 if objective.continuous else torch.long
         t = torch.full((len(prompts),), t_now, dtype=dtype, device=device)
         if uncond is not None:
-            kw = {k: torch.cat([uncond(t_now)[k], v]) for k, v in cond(t_now).items()}
+            pos = cond(t_now)
+            neg = uncond(t_now, pos)
+            kw = {k: torch.cat([neg[k], v]) for k, v in pos.items()}
+            kw = family.size_conditioning(c, kw, torch.cat([x, x]))
             pred_u, pred_c = _denoise(c, torch.cat([x, x]), torch.cat([t, t]), kw).chunk(2)
             pred = family.guide(pred_u, pred_c, guidance_scale)
         else:
-            pred = _denoise(c, x, t, cond(t_now))
+            pred = _denoise(c, x, t, family.size_conditioning(c, cond(t_now), x))
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if renoise else None
         x = step_to(objective, pred, x, t, t_next, noise)
     return family.decode(c, x).float().cpu()

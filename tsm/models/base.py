@@ -169,6 +169,23 @@ class Family:
         ids, _ = self._tokens(c.tokenizers["tokenizer"], captions, encoder.device)
         return {"encoder_hidden_states": encoder(ids)[0]}
 
+    def zero_negative(self, c: Components, negative_prompt: str) -> bool:
+        """Whether guidance's unconditional half is zeros rather than the encoded negative prompt (SDXL)."""
+        return False
+
+    def size_conditioning(
+        self,
+        c: Components,
+        cond: dict[str, torch.Tensor],
+        latents: torch.Tensor,
+        original_sizes: Any = None,
+        crop_top_lefts: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        """``cond`` plus the per-image size conditioning some denoisers take (SDXL's ``time_ids``), added
+        after `encode_prompt` and its per-caption cache; ``original_sizes`` [(h, w)] and ``crop_top_lefts``
+        [(top, left)] per sample, None when unknown (sampling). Default: ``cond`` unchanged."""
+        return cond
+
     # --- denoiser ------------------------------------------------------------------------------------
     def denoise(
         self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]

@@ -212,10 +212,19 @@ class DiffusionLoss(nn.Module):
         )
 
     def forward(
-        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, captions: list[str]
+        self,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        captions: list[str],
+        original_sizes: Any = None,
+        crop_top_lefts: Any = None,
     ) -> torch.Tensor:
+        """``original_sizes`` [(h, w)] and ``crop_top_lefts`` [(top, left)]: the batch's, for families that
+        condition on them (SDXL); None: the target size and (0, 0)."""
         c = self.c
-        cond = self.encode(captions)
+        # per image, not per caption: added after the text cache
+        cond = c.family.size_conditioning(c, self.encode(captions), x0, original_sizes, crop_top_lefts)
         noisy = c.objective.noisy(x0, noise, t)
         pred = c.family.denoise(c, noisy.to(c.denoiser.dtype), t, cond)
         return c.objective.loss(pred, x0, noise, t)  # (B,)
