@@ -7,12 +7,12 @@ import math
 import shutil
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from test_data import column_ramp, gray, save
 
 from tsm.config import load_config
 from tsm.data import (
@@ -25,23 +25,6 @@ from tsm.data import (
     resolve_buckets,
 )
 from tsm.errors import TsmError
-
-
-def gray(level: float) -> float:
-    return level / 127.5 - 1.0
-
-
-def column_ramp(width: int, height: int) -> Image.Image:
-    """Column x has gray level 2x: a pixel's value says which source column it came from."""
-    row = (np.arange(width) * 2).astype(np.uint8)
-    return Image.fromarray(np.repeat(np.tile(row, (height, 1))[..., None], 3, axis=2))
-
-
-def save(image: Image.Image, path, caption: str = "a caption"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    path.with_suffix(".txt").write_text(caption)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
