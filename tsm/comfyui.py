@@ -63,8 +63,10 @@ def to_kohya(tensors: Mapping[str, torch.Tensor], text_encoders: int = 1) -> dic
     ``lora_unet_…`` / ``lora_te_…`` (``lora_te1_``/``lora_te2_`` when the model has ``text_encoders`` = 2 or
     more) with ``.lora_down/.lora_up.weight`` and ``.alpha`` = rank (scale 1: B already holds alpha / r).
     """
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_kohya
 
+    if not tensors:
+        return {}
     components = {k.split(".", 1)[0] for k in tensors}
     other = components - set(KOHYA_COMPONENTS)
     if other:
@@ -79,7 +81,7 @@ def to_kohya(tensors: Mapping[str, torch.Tensor], text_encoders: int = 1) -> dic
             rest = "text_model." + rest
         peft[f"{head}.{rest}"] = v
     out = {}
-    for k, v in convert_state_dict_to_kohya(peft).items():
+    for k, v in convert_state_dict_to_kohya(peft, StateDictType.PEFT).items():
         if k.endswith(".alpha"):
             v = torch.tensor(float(v))  # kohya writes a float alpha; diffusers' converter an int
         if text_encoders < 2 and k.startswith("lora_te1_"):
