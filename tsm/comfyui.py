@@ -7,7 +7,7 @@ alpha baked into B) and renames keys with diffusers' own converter (``convert_st
 Which format ComfyUI gets, per family -- checked against ComfyUI's key map (``comfy/lora.py``:
 ``model_lora_keys_unet`` / ``model_lora_keys_clip``; ``comfy/lora_convert.py`` converts nothing for these):
 
-    sd15      kohya (``lora_unet_{diffusers name, . -> _}``): ComfyUI maps UNet keys through
+    sd15/sdxl kohya (``lora_unet_{diffusers name, . -> _}``): ComfyUI maps UNet keys through
               ``unet_to_diffusers``; the PEFT names ``unet.{module}.lora_A`` are not in its UNet map
     sd3, flux diffusers (``transformer.{module}.lora_A.weight``): ComfyUI's ``mmdit_to_diffusers`` /
               ``flux_to_diffusers`` map diffusers names; kohya's names for these models are the original
@@ -38,9 +38,15 @@ from tsm.intervals import interval_bounds
 
 PathLike = io.PathLike
 FORMATS = ("diffusers", "kohya", "comfyui")
-COMFYUI_DENOISER = {"sd15": "kohya", "sd3": "diffusers", "flux": "diffusers"}  # per family, see the docstring
+COMFYUI_DENOISER = {
+    "sd15": "kohya",
+    "sdxl": "kohya",
+    "sd3": "diffusers",
+    "flux": "diffusers",
+}  # per family, see the docstring
 COMFYUI_TEXT = {
     "sd15": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
     "sd3": ("text_encoder", "text_encoder_2"),
     "flux": ("text_encoder",),
 }
@@ -143,7 +149,7 @@ def convert_file(src: PathLike, dst: PathLike, fmt: str, family: str = "", text_
 # ----------------------------------------------------------------------------------------------------
 def sampling_of(family: str, scheduler_config: Mapping, width: int, height: int) -> dict[str, float | str]:
     """How ComfyUI samples the family: ``discrete`` (eps / v), ``flow`` (SD3: shift) or ``flux`` (mu)."""
-    if family == "sd15":
+    if family in ("sd15", "sdxl"):
         if int(scheduler_config.get("num_train_timesteps", 1000)) != 1000:
             raise TsmError("ComfyUI's discrete models have 1000 timesteps; this scheduler has another count")
         return {"kind": "discrete"}
