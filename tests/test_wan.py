@@ -274,3 +274,39 @@ def test_tsm_train_end_to_end_on_clips(folders, tmp_path, capsys):
     assert "num_frames = 4k + 1" in capsys.readouterr().err
     assert main(shipped_config_args(folders["2.2"], clips, tmp_path / "two")) != 0
     assert "transformer_2 has none" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_one_line_errors(folders, tmp_path):
+    f = get_family("wan")
+    with pytest.raises(tsm.TsmError, match="leave model.prediction_type unset"):
+        f.load(str(folders["2.1"]), prediction_type="epsilon")
+    ti2v = tmp_path / "ti2v"  # Wan 2.2 TI2V's per-token timesteps: refused, not sampled wrongly
+    ti2v.mkdir()
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (ti2v / sub).symlink_to(folders["2.1"] / sub)
+    index = json.loads((folders["2.1"] / "model_index.json").read_text())
+    (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    with pytest.raises(tsm.TsmError, match="TI2V"):
+        f.load(str(ti2v))
+
+
+def test_an_exported_expert_is_a_wan_lora_diffusers_loads(folders, tmp_path):
+    """export_lora's file through WanPipeline.load_lora_weights: the plain pipeline's transformer at t in the
+    expert's interval is tsm's routed transformer."""
+    f = get_family("wan")
+    c = f.load(str(folders["2.1"]))
+    tsm.add_experts(c.denoiser, tsm.ExpertSpec(scales=(4, 1), rank=2, targets=ATTN))
+    randomize_experts(c.denoiser, std=0.3)
+    tsm.export_lora(c.denoiser, tmp_path / "expert.safetensors", scale=0, index=3)
+    pipe = WanPipeline.from_pretrained(folders["2.1"])
+    pipe.load_lora_weights(tmp_path / "expert.safetensors")
+    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond = f.encode_prompt(c, ["a digit"])
+    t = torch.tensor([900])  # expert 3 of 4: [750, 1000]
+    with torch.no_grad():
+        ours = f.denoise(c, x, t, cond)
+        theirs = pipe.transformer(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
+        with tsm.experts_off(c.denoiser):
+            base = f.denoise(c, x, t, cond)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert (base - ours).abs().max() > 1e-3
