@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 import tsm
+from tsm.config import OptimConfig
 from tsm.models import Components
+from tsm.optimizers import build_optimizer
 from tsm.recipes.base import (
     Recipe,
     SingleProcess,
@@ -168,7 +170,9 @@ class Distiller:
         num_frames: int = 16,
         dtype: torch.dtype | None = None,
         acc: Any = None,
+        optim: OptimConfig | None = None,
     ) -> None:
+        self.optim = optim or OptimConfig()  # optim.name and its settings (None: AdamW, default betas / eps)
         self.resolution, self.num_frames = resolution, num_frames  # of generated samples (pixels, frames)
         # with an Accelerator each process takes its rows of every global draw and the gradients are summed
         self.acc = acc or SingleProcess(next(c.denoiser.parameters()).device)
@@ -197,7 +201,9 @@ class Distiller:
         feature_module(self.fake).register_forward_hook(self.capture)
         self.head = self._make_head()
         self.opt = self._generator_optimizer()
-        self.fake_opt = torch.optim.AdamW(self.fake_params(), lr=fake_lr, weight_decay=0.0)
+        self.fake_opt = build_optimizer(
+            self.optim, [{"params": self.fake_params(), "lr": fake_lr, "weight_decay": 0.0}]
+        )
 
     def fake_params(self) -> list[nn.Parameter]:
         """What the fake-score updates train: its LoRA and the GAN head."""
@@ -214,8 +220,9 @@ class Distiller:
         return GanHead(GanHead.tokens(self.capture.out).shape[-1]).to(self.device)
 
     def _generator_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            tsm.adapter_params(self.c.denoiser), lr=self.lr, weight_decay=self.weight_decay
+        params = tsm.adapter_params(self.c.denoiser)
+        return build_optimizer(
+            self.optim, [{"params": params, "lr": self.lr, "weight_decay": self.weight_decay}]
         )
 
     def assemble(self, lr: float | None = None) -> None:
@@ -399,6 +406,7 @@ class DistillRecipe(Recipe):
             num_frames=cfg.data.num_frames,
             dtype=weight_dtype(cfg),
             acc=acc,
+            optim=cfg.optim,
         )
 
     def total_steps(self) -> int:

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 import tsm
+from tsm.config import OptimConfig
 from tsm.models import Components
+from tsm.optimizers import build_optimizer
 from tsm.recipes.base import (
     DiffusionLoss,
     Recipe,
@@ -103,7 +105,9 @@ class GlanceTrainer:
         max_grad_norm: float | None = 1.0,
         dtype: torch.dtype | None = None,
         acc: Any = None,
+        optim: OptimConfig | None = None,
     ) -> None:
+        self.optim = optim or OptimConfig()  # optim.name and its settings (None: AdamW, default betas / eps)
         self.device = next(c.denoiser.parameters()).device
         self.acc = acc or SingleProcess(self.device)  # an Accelerator spreads each step over its processes
         self.model: Any = None
@@ -130,7 +134,7 @@ class GlanceTrainer:
             m.train()
         self.model = prepare_for_stage(self.acc, DiffusionLoss(self.c), self.model)
         params = [p for m in self.modules for p in tsm.adapter_params(m)]
-        self.opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        self.opt = build_optimizer(self.optim, [{"params": params, "lr": self.lr, "weight_decay": 0.0}])
         warm = max(1, self.warmup)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
 
@@ -237,6 +241,7 @@ class GlanceRecipe(Recipe):
             max_grad_norm=cfg.optim.max_grad_norm,
             dtype=weight_dtype(cfg),
             acc=acc,
+            optim=cfg.optim,
         )
 
     def total_steps(self) -> int:
