@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from tsm.recipes.base import (
     register,
     step_generator,
 )
-from tsm.routing import Route, RoutingState
+from tsm.routing import Route
 
 
 @register("lora", "foster", "assemble")
@@ -51,7 +52,7 @@ class LoraFosterRecipe(Recipe):
         if tc.method == "assemble":
             load_fostered(c, Path(tc.experts_from))
         # joint assembling: set_stage froze the experts; they train on (in their own param group, see
-        # expert_groups), switched on before `prepare` since DDP registers the parameters that train when it wraps
+        # expert_groups), switched on before `prepare`: DDP registers the parameters that train when it wraps
         self.joint = tc.method == "assemble" and tc.assemble_experts_lr is not None
         if self.joint:
             for module in expert_modules(c).values():
@@ -108,11 +109,12 @@ class LoraFosterRecipe(Recipe):
     def specialise(self) -> None:
         """The end of the warm phase: every expert of every scale starts from the warm LoRA.
 
-        The optimizer state is dropped (only the warm expert had any): its moments are those of the
-        full-range gradient, whose scale differs from each interval's (the loss at high t is far larger than
-        at low t), and dropping them treats every expert alike, so each expert's run from here equals
-        fostering it alone from the warm LoRA. The LR schedule continues (it counts the run's steps). The EMA
-        of each expert continues from the warm LoRA's average, as if it had been that expert all along.
+        The warm expert's optimizer state is dropped (the other routed experts had none): its moments are
+        those of the full-range gradient, whose scale differs from each interval's (the loss at high t is far
+        larger than at low t), and dropping them treats every expert alike, so each expert's run from here
+        equals fostering it alone from the warm LoRA (a shared expert keeps its state: its task is the
+        same). The LR schedule continues (it counts the run's steps). The EMA of each expert continues from
+        the warm LoRA's average, as if it had been that expert all along.
         """
         for hook in self.warm_hooks:
             hook.remove()
@@ -130,7 +132,7 @@ class LoraFosterRecipe(Recipe):
                             bank[key].copy_(source)
                             if shadow:
                                 shadow[id(bank[key])].copy_(shadow[id(source)])
-        self.opt.state.clear()
+                        self.opt.state.pop(source, None)
 
     def global_batch(self) -> int:
         """Samples per step over all processes: ``batch_size``, or per expert with ``batch_per_expert``."""
@@ -275,18 +277,20 @@ WARM = 0  # global id of the expert trained as the warm-start LoRA (s0_i0; any e
 
 
 def expert_weights(module: nn.Module) -> list[nn.Parameter]:
-    """Every expert's A and B in ``module`` (the routers left out)."""
-    return [p for _, layer in expert_layers(module) for p in (*layer.lora_A.values(), *layer.lora_B.values())]
+    """Every expert's A and B in ``module``, the shared expert's too (the routers left out)."""
+    return [p for _, layer in expert_layers(module) for p in layer.expert_params()]
 
 
 def _route_to_warm(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of the warm phase, run after the timestep hook (or set_timesteps) routed the forward by
-    t: every sample goes through expert WARM instead, one LoRA over all t (the single-expert path)."""
+    """Forward pre-hook of the warm phase, run after the timestep hook (or set_timesteps) routed the forward
+    by t: every sample goes through expert WARM instead, one LoRA over all t (the single-expert path, no
+    smooth blend); a shared expert keeps its part (its gradient factor is 1: every sample weighs 1 / B)."""
     routing = get_routing(module)
     state = routing.state
     if state is not None:
         ids = torch.full((len(state.main.ids),), WARM)  # (B,)
-        routing.state = RoutingState(Route.from_ids(ids, state.t_index.device), [], state.t_index)
+        main = Route.from_ids(ids, state.t_index.device)
+        routing.state = replace(state, main=main, context=[], blend=None, loss_ids=ids)
 
 
 def load_fostered(c: Any, source: Path) -> None:
