@@ -12,10 +12,14 @@ def test_speed_benchmark_at_a_toy_size(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(speed, "TINY", toy)
     for big in ("SD_CPU", "SD_GPU"):  # the second model main times: the one for this machine
         monkeypatch.setattr(speed, big, dataclasses.replace(toy, name="toy-2"))
+    monkeypatch.setattr(speed, "MID", dataclasses.replace(toy, name="toy-mid"))
+    monkeypatch.setattr(speed, "SAMPLING_STEPS", 3)
     rows = speed.main(["--quick", "--json", str(tmp_path / "speed.json")])
     table = capsys.readouterr().out
 
-    assert len(rows) == 2 * 7
+    assert len(rows) == 2 * 7 + 6
+    assert [r.model for r in rows[-6:]] == ["toy-mid"] * 6
+    assert "smooth routing" in rows[-3].measurement and rows[-5].target == 1.02
     for row in rows:
         assert math.isfinite(row.ratio) and row.ratio > 0, row
         assert row.ok in ("yes", "NO", "—")
@@ -23,6 +27,8 @@ def test_speed_benchmark_at_a_toy_size(tmp_path, monkeypatch, capsys):
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert [r["measurement"] for r in saved["rows"]] == [r.measurement for r in rows]
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in saved["rows"])
+    only = speed.main(["--quick", "--sampling-only"])
+    assert [r.measurement for r in only] == [r.measurement for r in rows[-6:]]
 
 
 def test_train_speed_benchmark_at_a_toy_size(tmp_path, capsys):

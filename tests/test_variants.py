@@ -416,3 +416,28 @@ def test_export_step_lora_is_the_model_at_that_step_in_diffusers(tmp_path, stage
         pipe = tiny_pipeline(copy.deepcopy(base))
         pipe.load_lora_weights(one)
         torch.testing.assert_close(denoise(pipe.unet, 600), want, rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("variant", ["hard", "smooth"])
+def test_a_scalar_ts_routing_is_built_once_and_equals_a_fresh_one(variant):
+    _, model = injected("linear", scales=(4, 1), routing=variant)
+    routing = tsm.get_routing(model)
+    tsm.set_stage(model, "assemble")
+    routing.set_timesteps(torch.tensor(300.0), batch_size=2)
+    first = routing.state
+    routing.set_timesteps(torch.tensor(300.0), batch_size=2)
+    assert routing.state is first  # from the memo
+    fresh = tsm.routing.Routing(routing.spec)
+    fresh.set_stage("assemble")
+    fresh.set_timesteps(torch.tensor([300.0, 300.0]))  # two values: the general path, no memo
+    assert (
+        torch.equal(first.main.ids, fresh.state.main.ids) and first.main.uniform == fresh.state.main.uniform
+    )
+    assert torch.equal(first.t_index, fresh.state.t_index)
+    assert [r.ids.tolist() for r in first.context] == [r.ids.tolist() for r in fresh.state.context]
+    if variant == "smooth":
+        assert first.blend.uniform == fresh.state.blend.uniform == pytest.approx(0.7)
+        assert torch.equal(first.blend.route.ids, fresh.state.blend.route.ids)
+    tsm.set_stage(model, "foster")  # another stage routes otherwise: the memo is cleared
+    routing.set_timesteps(torch.tensor(300.0), batch_size=2)
+    assert routing.state is not first and routing.state.context == []

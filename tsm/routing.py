@@ -139,8 +139,10 @@ class Routing:
         self._active = True
         self.state: RoutingState | None = None
         self.hook_handle = None
+        self.fast_path = True  # False: merged layers still run their full forward every call (for timing)
         self.fast_key: tuple | None = None  # the routing the fast layers were set up for (None: no fast path)
         self.fast_layers: list = []  # expert layers that currently call their base layer directly
+        self._memo: dict[tuple, RoutingState] = {}  # scalar-t routings (eval, assembling), built once
         counts = spec.experts_per_scale
         self.offsets = [sum(counts[:s]) for s in range(len(counts))]  # global id of expert 0 of each scale
 
@@ -169,6 +171,16 @@ class Routing:
         t = torch.as_tensor(t).detach().reshape(-1)
         device = t.device
         t = t.cpu()  # B values: route on the host, then copy once (no per-layer or per-scale device syncs)
+        memo = None
+        if t.numel() == 1 and not (self.stage == "foster" and training):
+            # a sampler's call: one t for the batch; its routing depends on nothing else, so a schedule's
+            # routings are built once (the per-call cost of routing is then a dict lookup)
+            memo = (t.item(), t.dtype, batch_size, self.stage, device)
+            state = self._memo.get(memo)
+            if state is not None:
+                self.state = state
+                self._check_fast_path(training)
+                return
         if spec.timestep_scale != 1.0:  # rounded: float32 0.7 * 1000 = 699.99998 must route as 700
             t = (t.double() * spec.timestep_scale * 1e4).round() / 1e4
         if t.numel() == 1 and batch_size is not None:
@@ -214,6 +226,10 @@ class Routing:
                 t_index.to(device),
                 blend=self._blend(hi, w, device) if smooth else None,
             )
+            if memo is not None:
+                if len(self._memo) >= 4096:  # a bound for callers that sample ever new timesteps
+                    self._memo.clear()
+                self._memo[memo] = self.state
         self._check_fast_path(training)
 
     def _blend(self, hi: torch.Tensor, w: torch.Tensor, device: torch.device) -> Blend:
@@ -258,7 +274,8 @@ class Routing:
         """Keep the fast layers only if this forward routes exactly as the one they were set up for."""
         state = self.state
         key = None
-        if not training and not torch.is_grad_enabled() and self._active and not state.context:
+        fast = self.fast_path and self._active and not training and not torch.is_grad_enabled()
+        if fast and not state.context:
             merge = state.merge_key
             if merge is not None:
                 key = (merge, self.stage, state.main.ids.shape[0])
@@ -285,4 +302,5 @@ class Routing:
             raise TsmError(f"stage must be 'foster' or 'assemble', got {stage!r}")
         self.stage = stage
         self.state = None
+        self._memo.clear()
         self.leave_fast_path()

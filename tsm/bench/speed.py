@@ -18,6 +18,14 @@ sampling step: eval + no_grad, one t for the whole batch (as a sampler calls the
     assemble   assembling stage: merged core + one gated context expert, non-zero routers
     peft       PEFT LoRA, unfused
     copy       an identical copy of the base model: base / copy shows how noisy this run's timings are
+sampling loop: a mid-size UNet (widths 64/128, 16x16 latents, batch 2), the 20 timesteps of a DDIM sampler
+    merged     fostered experts (8, 1), hard routing: merged core, and the fast path (the expert layers call
+               their base layer directly while the interval stays the same)
+    full       the same, with the fast path off: every layer runs its wrapper's forward every call
+    smooth     smooth routing: the blend of two experts changes every step, so every step merges anew
+    shared     hard routing plus a shared expert of rank 4 (merged with the core)
+    peft       PEFT LoRA fused into the base weights (merge()): the reference for a merged adapter
+    copy       an identical copy of the base model (timing noise)
 
 The ratio is ours / reference; a target is the design's bound on it, and "ok?" says whether this run met
 it. Timings on a shared CPU are noisy: rounds interleave the variants so that noise hits them alike, and
@@ -70,6 +78,9 @@ TINY = BenchModel("tiny", (32, 64), 32, 16, 4, 8, 8, repeats=30, quick_repeats=8
 SD_CPU = BenchModel(
     "sd-widths (320, 640)", (320, 640), 768, 16, 2, 77, 32, repeats=15, quick_repeats=3, warmup=1
 )
+# the sampling-loop case: small enough that a per-layer wrapper or a per-call hook shows in the ratio
+MID = BenchModel("mid (64, 128)", (64, 128), 64, 16, 2, 16, 32, repeats=9, quick_repeats=3, warmup=1)
+SAMPLING_STEPS = 20
 SD_GPU = BenchModel(
     "sd-widths (320, 640, 1280, 1280)",
     (320, 640, 1280, 1280),
@@ -124,8 +135,10 @@ def build_unet(cfg: BenchModel, device: torch.device) -> UNet2DConditionModel:
     return unet.to(device).requires_grad_(False)
 
 
-def with_experts(unet: nn.Module, scales: tuple[int, ...], stage: str = "foster") -> nn.Module:
-    spec = tsm.ExpertSpec(scales=scales, rank=RANK, alpha=RANK, targets=TARGETS)
+def with_experts(
+    unet: nn.Module, scales: tuple[int, ...], stage: str = "foster", **variant: object
+) -> nn.Module:
+    spec = tsm.ExpertSpec(scales=scales, rank=RANK, alpha=RANK, targets=TARGETS, **variant)
     return tsm.add_experts(unet, spec, stage=stage)
 
 
@@ -143,7 +156,7 @@ def randomize(model: nn.Module, std: float = 0.02) -> nn.Module:
     """Non-zero LoRA B (ours and PEFT's) and routers, so that no path could be skipped as zero."""
     g = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
-        if "lora_B" in name or ".router." in name:
+        if "lora_B" in name or ".router." in name or "shared_B" in name:
             p.copy_(torch.randn(p.shape, generator=g).to(p.device) * std)
     return model
 
@@ -264,6 +277,69 @@ def bench_inference(cfg: BenchModel, device: torch.device, repeats: int, warmup:
     ]
 
 
+def sampling_loop(model: nn.Module, batch: dict[str, torch.Tensor], steps: int) -> Callable[[], None]:
+    """A sampler's ``steps`` denoiser calls under no_grad: DDIM's timesteps, one t for the whole batch."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    timesteps = [t.to(batch["x"].device) for t in scheduler.timesteps]
+    model.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            for t in timesteps:
+                model(batch["x"], t, encoder_hidden_states=batch["context"])
+
+    return run
+
+
+def fused_peft(unet: nn.Module) -> nn.Module:
+    """PEFT LoRA with non-zero weights, merged into the base weights (what ``pipe.fuse_lora()`` does)."""
+    from peft.tuners.lora import LoraLayer
+
+    unet = randomize(with_peft(unet))
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    return unet
+
+
+def bench_sampling(cfg: BenchModel, device: torch.device, repeats: int, warmup: int) -> list[Row]:
+    base = build_unet(cfg, device)
+    batch = make_batch(cfg, device)
+    full = randomize(with_experts(copy.deepcopy(base), FOSTER_SCALES))
+    tsm.get_routing(full).fast_path = False
+    models = {
+        "base": base,
+        "copy": copy.deepcopy(base),
+        "merged": randomize(with_experts(copy.deepcopy(base), FOSTER_SCALES)),
+        "full": full,
+        "smooth": randomize(with_experts(copy.deepcopy(base), FOSTER_SCALES, routing="smooth")),
+        "shared": randomize(with_experts(copy.deepcopy(base), FOSTER_SCALES, shared_rank=RANK)),
+        "peft": fused_peft(copy.deepcopy(base)),
+    }
+    calls = {name: sampling_loop(m, batch, SAMPLING_STEPS) for name, m in models.items()}
+    ms = time_interleaved(calls, repeats, warmup, device)
+    what = f"{SAMPLING_STEPS}-step sampling loop"
+    return [
+        Row(
+            cfg.name, f"{what}: base ÷ an identical copy of base (timing noise)", ms["base"], ms["copy"], None
+        ),
+        Row(cfg.name, f"{what}: hard experts, merged + fast path ÷ base", ms["merged"], ms["base"], 1.02),
+        Row(cfg.name, f"{what}: hard experts, merged, no fast path ÷ base", ms["full"], ms["base"], None),
+        Row(
+            cfg.name,
+            f"{what}: smooth routing (a new blend merged every step) ÷ base",
+            ms["smooth"],
+            ms["base"],
+            None,
+        ),
+        Row(cfg.name, f"{what}: shared (r 4) + hard experts, merged ÷ base", ms["shared"], ms["base"], 1.02),
+        Row(cfg.name, f"{what}: PEFT LoRA fused into the weights ÷ base", ms["peft"], ms["base"], None),
+    ]
+
+
 def markdown(rows: Sequence[Row]) -> str:
     lines = [
         "| model | measurement | ms (ours) | ms (reference) | ratio | target | ok? |",
@@ -285,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under a minute on 2 CPU cores)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1)")
+    parser.add_argument(
+        "--sampling-only", action="store_true", help="only the mid-size UNet's sampling-loop table"
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -293,12 +372,15 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows: list[Row] = []
     start = time.perf_counter()
-    for cfg in models:
+    for cfg in [] if args.sampling_only else models:
         repeats = cfg.quick_repeats if args.quick else cfg.repeats
         warmup = 1 if args.quick else cfg.warmup
         for bench in (bench_training, bench_inference):
             print(f"  {cfg.name}: {bench.__name__} ({warmup} warm-up + {repeats} rounds)", flush=True)
             rows += bench(cfg, device, repeats, warmup)
+    repeats = MID.quick_repeats if args.quick else MID.repeats
+    print(f"  {MID.name}: bench_sampling ({MID.warmup} warm-up + {repeats} rounds)", flush=True)
+    rows += bench_sampling(MID, device, repeats, MID.warmup)
     print(f"({time.perf_counter() - start:.0f} s)\n\n{markdown(rows)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "quick": args.quick,
+            "sampling_steps": SAMPLING_STEPS,
         }
         args.json.write_text(json.dumps(meta | {"rows": results}, indent=2) + "\n")
         print(f"wrote {args.json}")
