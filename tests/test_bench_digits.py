@@ -20,7 +20,16 @@ from tsm.bench.digits import (
 from tsm.bench.digits_model import pretrain_base
 from tsm.bench.metrics import color_accuracy, digit_accuracy, fid, ink, load_or_train_digit_net
 
-ROWS = ["base", "LoRA r=4", "LoRA r=4, 4x steps", "LoRA r=16, 4x steps", "TSM 1-stage n=4", "TSM 2-stage 4+1"]
+ROWS = [
+    "base",
+    "LoRA r=4",
+    "LoRA r=4, 4x steps",
+    "LoRA r=16, 4x steps",
+    "TSM 1-stage n=4",
+    "TSM 2-stage 4+1",
+    "TSM shared r=8 + n=4 r=2",  # a variant row: held parameters counted with its shared LoRA
+    "TSM 2-stage 4+1 joint",  # reuses the 2-stage's fostered experts
+]
 SEEDS = [0, 1]
 
 
@@ -111,6 +120,18 @@ def test_budgets_follow_the_paper_bookkeeping(toy_run):
     two = rows["domain/TSM 2-stage 4+1/seed0"]
     assert two["samples_trained"] == 5 * b.steps * b.batch + b.assemble_steps * b.batch
     assert two["expert_params"] == 5 * lora["expert_params"]  # 5 experts of the same rank
+    # shared r=8 + 4 experts of r=2 hold what LoRA r=16 holds, for the same samples
+    shared = rows["domain/TSM shared r=8 + n=4 r=2/seed0"]
+    assert shared["expert_params"] == rows["domain/LoRA r=16, 4x steps/seed0"]["expert_params"]
+    assert shared["samples_trained"] == one["samples_trained"]
+    joint = rows["domain/TSM 2-stage 4+1 joint/seed0"]
+    assert (
+        joint["samples_trained"] == two["samples_trained"] and joint["expert_params"] == two["expert_params"]
+    )
+    assert joint["trained_params"] > two["trained_params"]  # the experts train on with the routers
+    # joint assembling starts from the very experts the faithful 2-stage row fostered (one foster run)
+    fostered = [d.name for d in (Path(cfg.out) / "work").glob("fostered_domain_4-1_*") if d.is_dir()]
+    assert sorted(fostered) == [f"fostered_domain_4-1_seed{s}" for s in SEEDS]
     assert rows["domain/base/seed0"]["samples_trained"] == 0
 
 
@@ -156,3 +177,56 @@ def test_each_tsm_row_is_judged_against_equal_compute_and_equal_parameters():
     names = {r.name for r in rows_for("post", True, 0)}
     for name in names:
         assert set(comparisons(name).values()) <= names  # every row a verdict needs is run
+
+
+def test_variant_rows_set_their_config_keys(tmp_path):
+    from tsm.bench.digits import JOINT_LR, row_config
+
+    rows = {r.name: r for r in rows_for("domain", False, 0)}
+    budget = Budget(steps=8, assemble_steps=4)
+    cfg = lambda name, **kw: row_config(rows[name], budget, tmp_path, tmp_path / "run", **kw)  # noqa: E731
+    faithful = cfg("TSM 1-stage n=4")
+    assert (faithful.experts.shared_rank, faithful.experts.routing) == (0, "hard")
+    assert faithful.train.warm_start_fraction == 0 and faithful.train.assemble_experts_lr is None
+    shared = cfg("TSM shared r=8 + n=4 r=2")
+    assert (shared.experts.shared_rank, shared.experts.rank, shared.experts.scales) == (8, 2, [4])
+    assert cfg("TSM 1-stage n=4 smooth").experts.routing == "smooth"
+    assert cfg("TSM 1-stage n=4 warm start").train.warm_start_fraction == 0.25
+    # joint assembling: the fostering run is the faithful one; the assembling run trains the experts on
+    foster = cfg("TSM 2-stage 4+1 joint")
+    assert foster.train.method == "foster" and foster.train.assemble_experts_lr is None
+    joint = cfg("TSM 2-stage 4+1 joint", experts_from=str(tmp_path))
+    assert joint.train.method == "assemble" and joint.train.assemble_experts_lr == JOINT_LR
+    # each variant is judged against LoRA r=4n at n x steps (its parameters and samples) and faithful TSM
+    assert comparisons("TSM shared r=8 + n=4 r=2") == {
+        "equal params and compute": "LoRA r=16, 4x steps",
+        "against faithful TSM": "TSM 1-stage n=4",
+    }
+    assert comparisons("TSM 1-stage n=4 smooth")["against faithful TSM"] == "TSM 1-stage n=4"
+    assert comparisons("TSM 2-stage 4+1 joint")["equal params and compute"] == "LoRA r=20, 6x steps"
+
+
+def test_quality_vs_compute_curve(tmp_path):
+    """--full's curve rows: LoRA r=32 at 8x and TSM n=8 at half and twice the budget, plotted by samples."""
+    from tsm.bench.digits import CURVES, curve_plot, curve_points, row_units
+
+    rows = {r.name: r for r in rows_for("post", True, 0)}
+    b = Budget(steps=10, batch=4)
+    for name in CURVES:
+        units = [row_units(rows[n], b) for n in (f"{name} @0.5x", name, f"{name} @2x")]
+        assert units == [units[1] // 2, units[1], 2 * units[1]]
+        assert comparisons(f"{name} @2x") == {}  # curve points are plotted, not judged
+    entries = {
+        "TSM 1-stage n=8": {"samples_trained": 200, "fid": (50.0, 1.0)},
+        "TSM 1-stage n=8 @2x": {"samples_trained": 400, "fid": (40.0, 2.0)},
+        "TSM 1-stage n=8 @0.5x": {"samples_trained": 100, "fid": (70.0, 3.0)},
+    }
+    assert curve_points(entries, "TSM 1-stage n=8", "fid") == [
+        (100, 70.0, 3.0),
+        (200, 50.0, 1.0),
+        (400, 40.0, 2.0),
+    ]
+    curve_plot({"post": entries}, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    curve_plot({"post": {"TSM 1-stage n=8": entries["TSM 1-stage n=8"]}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()  # one point is no curve

@@ -5,17 +5,23 @@ Tasks (TSM Tables 4, 6, 7, 9 in miniature):
               "digit 3" in random colours; the target prompts "red 3 on blue" must be followed. Trained on
               240 (digit, fg, bg) combos, scored on 60 held-out combos never seen together.
     post      post-pretraining: continue training on the source data ("digit 3", random colours).
+    appearance  an appearance shift: the source's prompts, target images with bold strokes.
 
-Rows: base; plain LoRA r=4 and r=32 (= 8 experts x r=4 in trainable parameters); LoRA r=4 for n x steps
-(= TSM n=8's compute); TSM 1-stage n=2, 4, 8; TSM 2-stage core 8 + context 1; in ``--full`` also core 8 +
-context (1, 2, 4), symmetric, router z-only and t-only. Budgets follow the paper's n x step bookkeeping:
+Rows: base; plain LoRA r=4; for each n (quick: n=4; ``--full``: n=2, 4, 8) LoRA r=4 at n x steps (equal
+compute), LoRA r=4n at n x steps (equal compute and parameters), TSM 1-stage n, TSM 2-stage n+1 and the LoRA
+of its parameters and samples (r=4(n+1) at (n+2) x); the variants beyond the paper at LoRA r=4n's parameters
+and samples (shared + residual experts, smooth routing, warm start, joint assembling); in ``--full`` also
+core 8 + context (1, 2, 4), symmetric, router z-only and t-only, and a quality-vs-compute curve (LoRA r=32
+at 8x and TSM n=8 at half, one and two budgets: curve.png). Budgets follow the paper's n x step bookkeeping:
 every expert gets ``steps`` steps at batch ``batch`` (fostering all experts of a run together with a
 stratified batch: each expert's B samples drawn inside its interval), so a TSM n=8 run costs 8x a LoRA run;
-the table states each row's budget in samples seen and its trainable parameters.
+the table states each row's budget in samples seen and its trainable parameters. Every TSM row gets paired
+verdicts (win / tie / loss at 2 standard errors) against the LoRA rows `comparisons` names.
 
 Metrics (from the PNGs written, read back): FID in the feature space of a small CNN trained on the real
-training split (lower is better), digit accuracy by that CNN, and colour accuracy by exact colour
-measurement (higher is better). Mean and std over seeds (quick mode: 1 seed, and it says so).
+training split (lower is better), digit accuracy by that CNN, colour accuracy by exact colour
+measurement (higher is better), and the ink coverage error of the appearance task. Mean and std over seeds
+(3 by default, in both modes).
 
 The run resumes: finished rows are kept in results.json and skipped.
 """
@@ -23,6 +29,7 @@ The run resumes: finished rows are kept in results.json and skipped.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -76,10 +83,26 @@ class Row:
     step_factor: int = 1  # lora for n x steps
     router: str = "asymmetric"
     seed: int = 0
+    budget_scale: float = 1.0  # the quality-vs-compute curve: this times every stage's steps
+    # the variants beyond the paper (ExpertsConfig / TrainConfig keys; the defaults are faithful TSM)
+    shared_rank: int = 0  # experts.shared_rank: a full-range LoRA of this rank beside the interval experts
+    routing: str = "hard"  # experts.routing: hard | smooth (hat-function blend of neighbouring experts)
+    warm_start: float = 0.0  # train.warm_start_fraction: one LoRA first, copied into every expert
+    assemble_experts_lr: float | None = None  # train.assemble_experts_lr: experts keep training in stage 2
 
     @property
     def key(self) -> str:
         return f"{self.task}/{self.name}/seed{self.seed}"
+
+    def variant_overrides(self) -> dict[str, Any]:
+        """The config keys of the row's variant (none for faithful TSM and LoRA rows)."""
+        keys = {
+            "experts.shared_rank": (self.shared_rank, 0),
+            "experts.routing": (self.routing, "hard"),
+            "train.warm_start_fraction": (self.warm_start, 0.0),
+            "train.assemble_experts_lr": (self.assemble_experts_lr, None),
+        }
+        return {k: v for k, (v, default) in keys.items() if v != default}
 
 
 def rows_for(task: str, full: bool, seed: int) -> list[Row]:
@@ -95,6 +118,7 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
             Row(task, f"TSM 2-stage {n}+1", "assemble", scales=(n, 1)),
             Row(task, f"LoRA r={4 * (n + 1)}, {n + 2}x steps", "lora", rank=4 * (n + 1), step_factor=n + 2),
         ]
+        r += variant_rows(task, n)
     if full:
         r += [
             Row(task, "TSM 2-stage 8+(1,2,4)", "assemble", scales=(8, 4, 2, 1)),
@@ -102,20 +126,69 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
             Row(task, "TSM 2-stage 8+1 router z-only", "assemble", scales=(8, 1), router="z_only"),
             Row(task, "TSM 2-stage 8+1 router t-only", "assemble", scales=(8, 1), router="t_only"),
         ]
+        for scale in CURVE_SCALES:  # the quality-vs-compute curve (the 1x points are the rows above)
+            r += [
+                Row(
+                    task,
+                    f"LoRA r=32, 8x steps @{scale:g}x",
+                    "lora",
+                    rank=32,
+                    step_factor=8,
+                    budget_scale=scale,
+                ),
+                Row(task, f"TSM 1-stage n=8 @{scale:g}x", "foster", scales=(8,), budget_scale=scale),
+            ]
     return [replace(x, seed=seed) for x in r]
+
+
+CURVE_SCALES = (0.5, 2.0)  # with the 1x rows: the curve's three budgets
+
+
+def variant_rows(task: str, n: int) -> list[Row]:
+    """The variants beyond the paper at the held parameters and samples of LoRA r=4n at n x steps (and, for
+    joint assembling, of LoRA r=4(n+1) at (n+2) x, as its faithful 2-stage row): shared rank 2n + n residual
+    experts of rank 2 (2n + 2n = 4n); smooth routing; warm start (a quarter of the steps as one LoRA); joint
+    assembling (experts keep training at a tenth of the lr while the routers learn)."""
+    return [
+        Row(task, f"TSM shared r={2 * n} + n={n} r=2", "foster", scales=(n,), rank=2, shared_rank=2 * n),
+        Row(task, f"TSM 1-stage n={n} smooth", "foster", scales=(n,), routing="smooth"),
+        Row(task, f"TSM 1-stage n={n} warm start", "foster", scales=(n,), warm_start=0.25),
+        Row(task, f"TSM 2-stage {n}+1 joint", "assemble", scales=(n, 1), assemble_experts_lr=JOINT_LR),
+    ]
+
+
+JOINT_LR = 1e-4  # joint assembling: the experts' lr in stage 2 (the routers': Budget.lr)
 
 
 def comparisons(name: str) -> dict[str, str]:
     """The LoRA rows a TSM row is judged against: same rank at equal compute (for a 2-stage row the same-rank
-    LoRA at the 1-stage's compute: no r=4 row at (n+2) x is run), and equal parameters at equal compute."""
-    if name.startswith("TSM 1-stage n="):
-        n = int(name.rsplit("=", 1)[1])
+    LoRA at the 1-stage's compute: no r=4 row at (n+2) x is run), and equal parameters at equal compute; a
+    variant also against the faithful TSM row it changes."""
+    if "@" in name:  # a point of the quality-vs-compute curve: plotted, not judged
+        return {}
+    if name.startswith("TSM shared r="):
+        n = int(name.split("n=")[1].split()[0])
         return {
+            "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
+            "against faithful TSM": f"TSM 1-stage n={n}",
+        }
+    if name.startswith("TSM 1-stage n="):
+        n = int(name.split("n=")[1].split()[0])
+        same = {
             "same rank, equal compute": f"LoRA r=4, {n}x steps",
             "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
         }
-    if name.startswith("TSM 2-stage ") and name.endswith("+1"):
+        if name != f"TSM 1-stage n={n}":  # a variant (smooth, warm start)
+            same = {"equal params and compute": same["equal params and compute"]}
+            same["against faithful TSM"] = f"TSM 1-stage n={n}"
+        return same
+    if name.startswith("TSM 2-stage ") and (name.endswith("+1") or name.endswith("+1 joint")):
         n = int(name.split()[2].split("+")[0])
+        if name.endswith("joint"):
+            return {
+                "equal params and compute": f"LoRA r={4 * (n + 1)}, {n + 2}x steps",
+                "against faithful TSM": f"TSM 2-stage {n}+1",
+            }
         return {
             "same rank, n x compute": f"LoRA r=4, {n}x steps",
             "equal params and compute": f"LoRA r={4 * (n + 1)}, {n + 2}x steps",
@@ -139,10 +212,19 @@ def row_units(row: Row, budget: Budget) -> int:
     if row.method == "base":
         return 0
     experts = sum(s for s in row.scales)  # uniform scales: n experts each
-    units = budget.steps * budget.batch * (experts if row.method != "lora" else row.step_factor)
+    steps, assemble_steps = row_steps(row, budget)
+    units = steps * budget.batch * (experts if row.method != "lora" else row.step_factor)
     if row.method == "assemble":
-        units += budget.assemble_steps * budget.batch
+        units += assemble_steps * budget.batch
     return units
+
+
+def row_steps(row: Row, budget: Budget) -> tuple[int, int]:
+    """(steps per expert, router steps) of a row: the budget's, times the row's curve scale."""
+    return (
+        max(1, round(budget.steps * row.budget_scale)),
+        max(1, round(budget.assemble_steps * row.budget_scale)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,9 +313,13 @@ def row_config(row: Row, budget: Budget, base: Path, out: Path, **train: Any) ->
     from tsm.config import load_config
 
     method = "foster" if row.method == "assemble" and "experts_from" not in train else row.method
-    steps = {"lora": budget.steps * row.step_factor, "foster": budget.steps}.get(
-        method, budget.assemble_steps
-    )
+    per_expert, assemble_steps = row_steps(row, budget)
+    steps = {"lora": per_expert * row.step_factor, "foster": per_expert}.get(method, assemble_steps)
+    variant = row.variant_overrides()
+    if method == "foster":  # stage-2 keys apply to the assembling run only
+        variant.pop("train.assemble_experts_lr", None)
+    else:
+        variant = {k: v for k, v in variant.items() if k == "train.assemble_experts_lr"}
     overrides = {
         "model.family": "digits",
         "model.path": str(base),
@@ -257,6 +343,7 @@ def row_config(row: Row, budget: Budget, base: Path, out: Path, **train: Any) ->
         "train.keep_last": 1,
         "train.log_with": "none",
         "train.validation_prompts": [],
+        **variant,
         **{f"train.{k}": v for k, v in train.items()},
     }
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
@@ -273,14 +360,20 @@ def train_row(row: Row, budget: Budget, base: Path, work: Path, report: Any = la
     slug = eval_png(Path(""), row).stem
     run = work / slug
     if row.method == "assemble":
-        fostered = work / f"fostered_{row.task}_{'-'.join(map(str, row.scales))}_seed{row.seed}"
-        foster_row = replace(row, method="foster", router="asymmetric")
-        if not (fostered / "summary.json").is_file():  # shared by the router variants of the same scales
-            cfg = row_config(foster_row, budget, base, fostered)
-            train(cfg, dataset=DigitsTask(row.task, row_units(foster_row, budget), row.seed), progress=False)
+        curve = f"_x{row.budget_scale:g}" if row.budget_scale != 1 else ""
+        fostered = work / f"fostered_{row.task}_{'-'.join(map(str, row.scales))}{curve}_seed{row.seed}"
+        # shared by the router variants (and joint assembling) of the same scales
+        foster_row = replace(row, method="foster", router="asymmetric", assemble_experts_lr=None)
+        work.mkdir(parents=True, exist_ok=True)
+        with open(work / f"{fostered.name}.lock", "w") as lock:  # parallel rows share it: one fosters
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (fostered / "summary.json").is_file():
+                cfg = row_config(foster_row, budget, base, fostered)
+                dataset = DigitsTask(row.task, row_units(foster_row, budget), row.seed)
+                train(cfg, dataset=dataset, progress=False)
         report(row_units(foster_row, budget))
         cfg = row_config(row, budget, base, run, experts_from=str(fostered))
-        size = budget.assemble_steps * budget.batch
+        size = row_steps(row, budget)[1] * budget.batch
     else:
         cfg = row_config(row, budget, base, run)
         size = row_units(row, budget)
@@ -297,12 +390,15 @@ def trainable_params(row: Row, c: Any) -> tuple[int, int]:
         return 0, 0
     mods = [c.denoiser, c.text_encoders["text_encoder"]]
     trained = sum(p.numel() for m in mods for p in tsm.adapter_params(m))
-    held = sum(
+    held = sum(  # every adapter weight of the expert layers (interval experts, a shared LoRA), no router
         p.numel()
         for m in mods
         for _, layer in tsm.expert_layers(m)
-        for p in (*layer.lora_A.values(), *layer.lora_B.values())
+        for name, p in layer.named_parameters()
+        if not name.startswith(("base_layer.", "router."))
     )
+    if row.assemble_experts_lr is not None:  # joint assembling: the experts trained with the routers
+        trained += held
     return trained, held
 
 
@@ -628,6 +724,7 @@ def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall
     (out / "results.md").write_text(md)
     print(md)
     bar_plot(table, out / "results.png")
+    curve_plot(table, out / "curve.png")
     side_by_side(out, rows, done)
     verdicts = {t: {n: e["verdicts"] for n, e in d.items() if e["verdicts"]} for t, d in table.items()}
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
@@ -667,6 +764,45 @@ def bar_plot(table: dict, path: Path) -> None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{task}: {label}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+CURVES = {"LoRA r=32, 8x steps": "tab:blue", "TSM 1-stage n=8": "tab:orange"}
+
+
+def curve_points(entries: dict[str, dict], name: str, metric: str) -> list[tuple[int, float, float]]:
+    """(samples, mean, std) of one method at every budget of the curve that was run, by samples."""
+    names = [name] + [f"{name} @{scale:g}x" for scale in CURVE_SCALES]
+    points = [(entries[n]["samples_trained"], *entries[n][metric]) for n in names if n in entries]
+    return sorted(points)
+
+
+def curve_plot(table: dict, path: Path) -> None:
+    """Quality vs compute (``--full``): the main metric of LoRA r=32 at 8x steps and TSM 1-stage n=8 (equal
+    parameters and compute at every point) at three budgets, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t, e in table.items() if any(len(curve_points(e, n, "fid")) > 1 for n in CURVES)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metric, higher = MAIN_METRIC[task]
+        for name, color in CURVES.items():
+            pts = curve_points(table[task], name, metric)
+            if pts:
+                x, y, e = zip(*pts, strict=True)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("training samples seen")
+        ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title(task, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
