@@ -42,7 +42,14 @@ CORE = (
 )
 SERVICES = ("data", "sampling", "io", "config", "optimizers", "comfyui")
 # within services: a module may import only services of a lower rank (the order of today's imports)
-SERVICES_RANK = {"tsm.io": 0, "tsm.config": 0, "tsm.sampling": 0, "tsm.data": 1, "tsm.optimizers": 1, "tsm.comfyui": 1}
+SERVICES_RANK = {
+    "tsm.io": 0,
+    "tsm.config": 0,
+    "tsm.sampling": 0,
+    "tsm.data": 1,
+    "tsm.optimizers": 1,
+    "tsm.comfyui": 1,
+}
 # the package's own __init__ is the public facade: it re-exports tsm.io's save/load/export_lora (a service
 # that itself imports core modules only, checked below), so `tsm.save(...)` works after `import tsm`
 KNOWN_UPWARD = {("tsm/__init__.py", "tsm.io")}
