@@ -203,6 +203,25 @@ def test_sample_grid_matches_files_and_export_info(assets, tmp_path, capsys):
     assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     code, err = run_cli("export", tmp_path / "foster", "--all", "--out", tmp_path / "all", capsys=capsys)
     assert code == 0 and len(list((tmp_path / "all").glob("*.safetensors"))) == 5
+    # the same expert as kohya keys (the tensors renamed and the scale folded as kohya's alpha), and the
+    # ComfyUI folder: one LoRA per finest interval + the workflow switching them
+    code, err = run_cli(
+        "export", tmp_path / "foster", "--scale", "0", "--index", "2", "--format", "kohya",
+        "--out", tmp_path / "k.safetensors", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    kohya, diffusers_file = load_file(tmp_path / "k.safetensors"), load_file(tmp_path / "e.safetensors")
+    assert all(k.startswith("lora_unet_") for k in kohya) and len(kohya) == len(diffusers_file) * 3 // 2
+    downs = sorted(v.sum().item() for k, v in kohya.items() if k.endswith("lora_down.weight"))
+    assert downs == sorted(v.sum().item() for k, v in diffusers_file.items() if ".lora_A." in k)
+    code, err = run_cli("export", tmp_path / "foster", "--comfyui", tmp_path / "comfy", capsys=capsys)
+    assert code == 0, err
+    graph = json.loads((tmp_path / "comfy" / "workflow_api.json").read_text())
+    loras = sorted(p.name for p in (tmp_path / "comfy").glob("*.safetensors"))
+    assert loras == [f"tsm_s0_i{i}.safetensors" for i in range(4)]
+    assert sorted(n["inputs"]["lora_name"] for n in graph.values() if "lora_name" in n["inputs"]) == loras
+    refused = one_line_error(capsys, "export", tmp_path / "assemble", "--comfyui", tmp_path / "c2")
+    assert "depend on the layer's input" in refused  # the assembled run's router reads z: not a LoRA
     assert run_cli("info", tmp_path / "foster" / "unet.safetensors", capsys=None)[0] == 0
     printed = capsys.readouterr().out
     assert "scales" in printed and "foster" in printed

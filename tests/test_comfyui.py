@@ -140,3 +140,8 @@ def test_feature_dependent_router_is_refused(tmp_path):
     t_only = with_experts(tiny_unet(), stage="assemble", router="t_only")
     paths = comfyui.export_run(t_only, "sd15", {}, tmp_path / "t", prefix="unet")
     assert len(paths) == 5 and load_file(paths[0])  # the stacked step LoRA (core + context) per interval
+
+
+def test_smooth_routing_is_refused(tmp_path):
+    smooth = with_experts(tiny_unet(), scales=(4,), routing="smooth")
+    assert "smooth routing" in error_of(comfyui.export_run, smooth, "sd15", {}, tmp_path, prefix="unet")

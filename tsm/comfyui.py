@@ -386,6 +386,11 @@ def export_run(
             f"the {spec.router} router's gates depend on the layer's input (F(z)), so an assembled step is not a "
             "LoRA and no ComfyUI workflow can switch it; export a fostered run, or assemble with router t_only"
         )
+    if spec.routing == "smooth":
+        raise TsmError(
+            "smooth routing blends two experts with weights that change every step, which one LoRA per interval "
+            "cannot switch; export per-step LoRAs with `tsm export RUN --timesteps ...`, or train with hard routing"
+        )
     sampling = sampling_of(family, scheduler_config, width, height)
     directory = Path(directory)
     paths, loras = [], []
