@@ -28,7 +28,8 @@ ROWS = [
     "TSM 1-stage n=4",
     "TSM 2-stage 4+1",
     "TSM shared r=8 + n=4 r=2",  # a variant row: held parameters counted with its shared LoRA
-    "TSM 2-stage 4+1 joint",  # reuses the 2-stage's fostered experts
+    "TSM 2-stage 4+1 joint",  # reuses the 2-stage's fostered experts (a --full row)
+    "TSM shared r=8 + n=4 r=2, 4x steps",  # a mixed-batch row: one batch a step, split over the experts
 ]
 SEEDS = [0, 1]
 
@@ -41,7 +42,14 @@ def toy_run(tmp_path_factory):
     )  # a toy base: the machinery, not quality
     budget = Budget(steps=2, batch=4, assemble_steps=2, eval_per_prompt=1, sample_steps=2)
     cfg = BenchConfig(
-        out=str(root / "out"), seeds=SEEDS, budget=budget, workers=0, base=str(base), only=ROWS, net_steps=60
+        out=str(root / "out"),
+        full=True,  # with `only`: the quick rows and two of --full's
+        seeds=SEEDS,
+        budget=budget,
+        workers=0,
+        base=str(base),
+        only=ROWS,
+        net_steps=60,
     )
     return cfg, run(cfg, progress=False)
 
@@ -129,6 +137,11 @@ def test_budgets_follow_the_paper_bookkeeping(toy_run):
         joint["samples_trained"] == two["samples_trained"] and joint["expert_params"] == two["expert_params"]
     )
     assert joint["trained_params"] > two["trained_params"]  # the experts train on with the routers
+    mixed = rows["domain/TSM shared r=8 + n=4 r=2, 4x steps/seed0"]  # LoRA r=16's steps, batch and params
+    assert (
+        mixed["samples_trained"] == one["samples_trained"]
+        and mixed["expert_params"] == shared["expert_params"]
+    )
     # joint assembling starts from the very experts the faithful 2-stage row fostered (one foster run)
     fostered = [d.name for d in (Path(cfg.out) / "work").glob("fostered_domain_4-1_*") if d.is_dir()]
     assert sorted(fostered) == [f"fostered_domain_4-1_seed{s}" for s in SEEDS]
@@ -182,7 +195,7 @@ def test_each_tsm_row_is_judged_against_equal_compute_and_equal_parameters():
 def test_variant_rows_set_their_config_keys(tmp_path):
     from tsm.bench.digits import JOINT_LR, row_config
 
-    rows = {r.name: r for r in rows_for("domain", False, 0)}
+    rows = {r.name: r for r in rows_for("domain", True, 0)}
     budget = Budget(steps=8, assemble_steps=4)
     cfg = lambda name, **kw: row_config(rows[name], budget, tmp_path, tmp_path / "run", **kw)  # noqa: E731
     faithful = cfg("TSM 1-stage n=4")
@@ -190,6 +203,9 @@ def test_variant_rows_set_their_config_keys(tmp_path):
     assert faithful.train.warm_start_fraction == 0 and faithful.train.assemble_experts_lr is None
     shared = cfg("TSM shared r=8 + n=4 r=2")
     assert (shared.experts.shared_rank, shared.experts.rank, shared.experts.scales) == (8, 2, [4])
+    mixed = cfg("TSM shared r=8 + n=4 r=2, 4x steps")  # LoRA r=16 4x's steps and batch, split by t
+    assert (mixed.train.steps, mixed.train.batch_size, mixed.train.batch_per_expert) == (32, 16, False)
+    assert (shared.train.steps, shared.train.batch_per_expert) == (8, True)  # the paper's: a batch per expert
     assert cfg("TSM 1-stage n=4 smooth").experts.routing == "smooth"
     assert cfg("TSM 1-stage n=4 warm start").train.warm_start_fraction == 0.25
     # joint assembling: the fostering run is the faithful one; the assembling run trains the experts on
@@ -204,6 +220,12 @@ def test_variant_rows_set_their_config_keys(tmp_path):
     }
     assert comparisons("TSM 1-stage n=4 smooth")["against faithful TSM"] == "TSM 1-stage n=4"
     assert comparisons("TSM 2-stage 4+1 joint")["equal params and compute"] == "LoRA r=20, 6x steps"
+    assert comparisons("TSM shared r=8 + n=4 r=2, 4x steps") == {
+        "equal params and compute": "LoRA r=16, 4x steps",
+        "against its paper-bookkeeping twin": "TSM shared r=8 + n=4 r=2",
+    }
+    quick = {r.name for r in rows_for("domain", False, 0)}
+    assert "TSM shared r=8 + n=4 r=2, 4x steps" in quick and "TSM 1-stage n=4 smooth" not in quick
 
 
 def test_quality_vs_compute_curve(tmp_path):

@@ -97,6 +97,7 @@ class ExpertLayer(nn.Module):
         self.symmetric = spec.router == "symmetric"
         self.merged: int | tuple[int, int, float] | None = None  # expert id (or smooth blend) merged in
         self._base_weight: torch.Tensor | None = None  # original weight while merged
+        self._flat: tuple[torch.Tensor, torch.Tensor] | None = None  # 2-D views of the weight and of it
         self.train(base_layer.training)  # a model loaded in eval mode stays in eval mode (merge, no dropout)
 
     def expert_params(self) -> list[nn.Parameter]:
@@ -193,15 +194,52 @@ class ExpertLayer(nn.Module):
     def merge(self, expert: int | tuple[int, int, float]) -> None:
         """Put expert ``expert`` (global id, or a smooth blend (lo, hi, w)) into the base weight; a no-op
         if it is there already."""
+        self._merge(expert)
+
+    def _merge(self, expert: int | tuple[int, int, float]) -> None:
+        """`merge` without its no_grad context (the sampling forward calls it with autograd off already)."""
         if self.merged == expert:
             return
         weight = self.base_layer.weight
         if self._base_weight is None:
             self._base_weight = weight.detach().clone()
-        else:
+        if weight.dtype != torch.float32 or not weight.is_contiguous():
             weight.copy_(self._base_weight)
-        weight.add_(self.delta_weight(expert).to(weight.dtype))
-        self.merged = expert
+            weight.add_(self.delta_weight(expert).to(weight.dtype))
+            self.__dict__["merged"] = expert
+            return
+        # W = W0 + sum_k c_k B_k A_k as fused addmm passes over W: a merge costs what one pass over W costs.
+        # The 2-D views are kept while they still view the weight (a .to() replaces its storage).
+        flat = self._flat
+        if flat is None or flat[0].data_ptr() != weight.data_ptr():
+            out = weight.shape[0]
+            flat = (weight.view(out, -1), self._base_weight.view(out, -1))  # (out, in * kernel)
+            self.__dict__["_flat"] = flat
+        w2, base2 = flat
+        terms = self._merge_terms(expert)
+        for k, (c, a, b) in enumerate(terms):
+            if self.conv_fn is not None:
+                a, b = a.flatten(1), b.flatten(1)  # (r, in * kernel), (out, r)
+            if k == 0:
+                torch.addmm(base2, b, a, alpha=c, out=w2)
+            else:
+                w2.addmm_(b, a, alpha=c)
+        # plain values set past nn.Module.__setattr__ (its checks cost more than the merge on small layers)
+        self.__dict__["merged"] = expert
+
+    def _merge_terms(
+        self, expert: int | tuple[int, int, float]
+    ) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """(c, A, B) with delta_weight(expert) = sum c B A; never empty."""
+        if isinstance(expert, tuple):
+            lo, hi, w = expert
+            keys = [(lo, 1.0 - w), (hi, w)] if w != 0 else [(lo, 1.0)]
+        else:
+            keys = [(expert, 1.0)]
+        terms = [(self.scaling * w, self.lora_A[self.keys[e]], self.lora_B[self.keys[e]]) for e, w in keys]
+        if self.shared_A is not None:
+            terms.append((self.shared_scaling, self.shared_A, self.shared_B))
+        return terms
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -210,6 +248,7 @@ class ExpertLayer(nn.Module):
         if self._base_weight is not None:
             self.base_layer.weight.copy_(self._base_weight)
         self._base_weight = None
+        self._flat = None
         self.merged = None
 
     # ------------------------------------------------------------------------------------------------
@@ -229,7 +268,7 @@ class ExpertLayer(nn.Module):
         key = state.merge_key
         merge = not self.training and not torch.is_grad_enabled() and key is not None and not self.symmetric
         if merge:
-            self.merge(key)
+            self._merge(key)  # autograd is off here (merge requires it)
         elif self.merged is not None:
             self.unmerge()
         out = self.base_layer(x, *args, **kwargs)
@@ -237,7 +276,7 @@ class ExpertLayer(nn.Module):
             routing = self.routing
             if routing.fast_key is not None and routing.hook_handle is not None:
                 # the hook re-checks the routing every forward and calls leave_fast_path on any change
-                self.forward = self.base_layer.forward
+                self.__dict__["forward"] = self.base_layer.forward  # (past nn.Module.__setattr__)
                 routing.fast_layers.append(self)
             return out
         z = x.to(torch.float32)

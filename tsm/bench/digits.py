@@ -80,7 +80,8 @@ class Row:
     method: str  # base | lora | foster | assemble
     scales: tuple = (1,)
     rank: int = 4
-    step_factor: int = 1  # lora for n x steps
+    step_factor: int = 1  # lora (or a mixed-batch foster row) for n x steps
+    mixed: bool = False  # foster with one batch of `batch` a step split over the experts by t, for n x steps
     router: str = "asymmetric"
     seed: int = 0
     budget_scale: float = 1.0  # the quality-vs-compute curve: this times every stage's steps
@@ -118,7 +119,7 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
             Row(task, f"TSM 2-stage {n}+1", "assemble", scales=(n, 1)),
             Row(task, f"LoRA r={4 * (n + 1)}, {n + 2}x steps", "lora", rank=4 * (n + 1), step_factor=n + 2),
         ]
-        r += variant_rows(task, n)
+        r += variant_rows(task, n, full)
     if full:
         r += [
             Row(task, "TSM 2-stage 8+(1,2,4)", "assemble", scales=(8, 4, 2, 1)),
@@ -144,17 +145,33 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
 CURVE_SCALES = (0.5, 2.0)  # with the 1x rows: the curve's three budgets
 
 
-def variant_rows(task: str, n: int) -> list[Row]:
+def variant_rows(task: str, n: int, full: bool) -> list[Row]:
     """The variants beyond the paper at the held parameters and samples of LoRA r=4n at n x steps (and, for
     joint assembling, of LoRA r=4(n+1) at (n+2) x, as its faithful 2-stage row): shared rank 2n + n residual
     experts of rank 2 (2n + 2n = 4n); smooth routing; warm start (a quarter of the steps as one LoRA); joint
-    assembling (experts keep training at a tenth of the lr while the routers learn)."""
-    return [
-        Row(task, f"TSM shared r={2 * n} + n={n} r=2", "foster", scales=(n,), rank=2, shared_rank=2 * n),
-        Row(task, f"TSM 1-stage n={n} smooth", "foster", scales=(n,), routing="smooth"),
-        Row(task, f"TSM 1-stage n={n} warm start", "foster", scales=(n,), warm_start=0.25),
-        Row(task, f"TSM 2-stage {n}+1 joint", "assemble", scales=(n, 1), assemble_experts_lr=JOINT_LR),
+    assembling (experts keep training at a tenth of the lr while the routers learn); and *mixed-batch* rows
+    that train n x steps on one batch a step split over the experts by t (the LoRA's own optimizer steps and
+    batch) instead of the paper's `steps` steps with a batch per expert. Quick mode: the shared rows only."""
+    shared = dict(scales=(n,), rank=2, shared_rank=2 * n)
+    rows = [
+        Row(task, f"TSM shared r={2 * n} + n={n} r=2", "foster", **shared),
+        Row(
+            task,
+            f"TSM shared r={2 * n} + n={n} r=2, {n}x steps",
+            "foster",
+            **shared,
+            step_factor=n,
+            mixed=True,
+        ),
     ]
+    if full:
+        rows += [
+            Row(task, f"TSM 1-stage n={n}, {n}x steps", "foster", scales=(n,), step_factor=n, mixed=True),
+            Row(task, f"TSM 1-stage n={n} smooth", "foster", scales=(n,), routing="smooth"),
+            Row(task, f"TSM 1-stage n={n} warm start", "foster", scales=(n,), warm_start=0.25),
+            Row(task, f"TSM 2-stage {n}+1 joint", "assemble", scales=(n, 1), assemble_experts_lr=JOINT_LR),
+        ]
+    return rows
 
 
 JOINT_LR = 1e-4  # joint assembling: the experts' lr in stage 2 (the routers': Budget.lr)
@@ -166,14 +183,18 @@ def comparisons(name: str) -> dict[str, str]:
     variant also against the faithful TSM row it changes."""
     if "@" in name:  # a point of the quality-vs-compute curve: plotted, not judged
         return {}
+    n = int(name.split("n=")[1].split()[0].rstrip(",")) if "n=" in name else 0
+    if name.endswith("x steps") and name.startswith("TSM"):  # a mixed-batch row against its 1x-steps twin
+        return {
+            "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
+            "against its paper-bookkeeping twin": name.rsplit(",", 1)[0],
+        }
     if name.startswith("TSM shared r="):
-        n = int(name.split("n=")[1].split()[0])
         return {
             "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
             "against faithful TSM": f"TSM 1-stage n={n}",
         }
     if name.startswith("TSM 1-stage n="):
-        n = int(name.split("n=")[1].split()[0])
         same = {
             "same rank, equal compute": f"LoRA r=4, {n}x steps",
             "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
@@ -213,7 +234,8 @@ def row_units(row: Row, budget: Budget) -> int:
         return 0
     experts = sum(s for s in row.scales)  # uniform scales: n experts each
     steps, assemble_steps = row_steps(row, budget)
-    units = steps * budget.batch * (experts if row.method != "lora" else row.step_factor)
+    per_step = row.step_factor if row.method == "lora" or row.mixed else experts
+    units = steps * budget.batch * per_step
     if row.method == "assemble":
         units += assemble_steps * budget.batch
     return units
@@ -314,7 +336,8 @@ def row_config(row: Row, budget: Budget, base: Path, out: Path, **train: Any) ->
 
     method = "foster" if row.method == "assemble" and "experts_from" not in train else row.method
     per_expert, assemble_steps = row_steps(row, budget)
-    steps = {"lora": per_expert * row.step_factor, "foster": per_expert}.get(method, assemble_steps)
+    factor = row.step_factor if method == "lora" or row.mixed else 1
+    steps = {"lora": per_expert * factor, "foster": per_expert * factor}.get(method, assemble_steps)
     variant = row.variant_overrides()
     if method == "foster":  # stage-2 keys apply to the assembling run only
         variant.pop("train.assemble_experts_lr", None)
@@ -336,7 +359,8 @@ def row_config(row: Row, budget: Budget, base: Path, out: Path, **train: Any) ->
         "train.method": method,
         "train.steps": steps,
         "train.batch_size": budget.batch,
-        "train.batch_per_expert": method == "foster",  # the paper's bookkeeping: every expert gets `batch`
+        # the paper's bookkeeping: every expert gets `batch` a step (a mixed row: the batch is split by t)
+        "train.batch_per_expert": method == "foster" and not row.mixed,
         "train.seed": row.seed,
         "train.output_dir": str(out),
         "train.checkpoint_every": steps,
