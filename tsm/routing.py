@@ -279,7 +279,17 @@ class Routing:
             merge = state.merge_key
             if merge is not None:
                 key = (merge, self.stage, state.main.ids.shape[0])
-        if key is None or key != self.fast_key:
+        if (
+            key is not None
+            and self.fast_key is not None
+            and key != self.fast_key
+            and key[1:] == self.fast_key[1:]
+        ):
+            # the sampler moved to another interval: merge its expert into the fast layers right here, so they
+            # stay on the fast path (no layer runs its wrapper's forward at an interval change either)
+            for layer in self.fast_layers:
+                layer._merge(key[0])
+        elif key is None or key != self.fast_key:
             self.leave_fast_path()
         self.fast_key = key
 
