@@ -32,7 +32,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")  # = tsm.optimizers.
 
 @dataclass
 class ModelConfig:
-    family: str = "sd15"  # a registered family: sd15 | pixart | sd3 | video3d | flux | qwen | digits
+    family: str = "sd15"  # sd15 | sdxl | pixart | sd3 | flux | qwen | video3d | wan | digits
     path: str = ""  # hub id or local folder in diffusers layout (model_index.json + subfolders); digits: "" = built-in
     revision: str | None = None  # hub revision
     prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction); flow for sd3

@@ -1,11 +1,13 @@
 """Model families, one file each, found by name: ``get_family("sd15")``.
 
     sd15     UNet2DConditionModel + CLIP                   epsilon/v (DDPM)
+    sdxl     UNet2DConditionModel + 2 CLIP (pooled)        epsilon/v (DDPM), per-image time_ids
     pixart   PixArtTransformer2DModel + T5                 epsilon (DDPM), learned sigma dropped
     sd3      SD3Transformer2DModel (MM-DiT) + 2 CLIP + T5  flow matching
     video3d  UNet3DConditionModel (VideoCrafter2-style) + CLIP, latents (B, C, F, h, w)
     flux     FluxTransformer2DModel + CLIP (pooled) + T5   flow matching, resolution shift, guidance embedding
     qwen     QwenImageTransformer2DModel + Qwen2.5-VL      flow matching, resolution shift, Qwen-Image VAE
+    wan      WanTransformer3DModel + UMT5 + 3D causal VAE  flow matching (flow_shift), 4k+1-frame clips
     digits   the digits benchmark's pixel-space UNet + tiny CLIP (ships with tsm)
 
 Importing this package imports every module in it, so each ``@register`` runs: adding a family is adding
