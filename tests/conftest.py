@@ -110,21 +110,9 @@ def tiny_sd3():
 
 
 def tiny_wan():
-    from diffusers import WanTransformer3DModel
+    from tiny_models import tiny_wan_transformer
 
-    _seeded()
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    )
+    return tiny_wan_transformer(seed=0)  # torch.manual_seed(0), as _seeded()
 
 
 def tiny_flux():
