@@ -296,3 +296,24 @@ def test_experts_change_in_assemble_iff_their_lr_is_set_and_resume_is_bit_identi
     )
     cfg = make_config(data, tmp_path / "joint", experts=SHARED, **common, **runs["joint"])
     assert_identical(resumed_from(cfg, tmp_path / "joint", 2, tmp_path / "resumed"), ends["joint"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the layer variants through the run loop
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("experts", [{"shared_rank": 2}, {"routing": "smooth"}], ids=["shared", "smooth"])
+def test_layer_variants_train_and_resume_bit_identically(data, tmp_path, experts):
+    """A fostering run with a shared expert or smooth routing differs from faithful TSM's, and a run resumed
+    from its step-2 checkpoint ends with the straight run's weights."""
+    faithful = tmp_path / "faithful"
+    train(make_config(data, faithful), progress=False)
+    straight = tmp_path / "straight"
+    train(make_config(data, straight, experts=experts), progress=False)
+    final = adapters(straight)
+    if "shared_rank" in experts:  # the shared expert is saved with the others, and it trained
+        shared = [k for k in final if "shared" in k]
+        assert shared and any(final[k].abs().sum() > 0 for k in shared if "B" in k)
+    common = final.keys() & adapters(faithful).keys()
+    assert any(not torch.equal(final[k], adapters(faithful)[k]) for k in common)
+    cfg = make_config(data, straight, experts=experts)
+    assert_identical(resumed_from(cfg, straight, 2, tmp_path / "resumed"), final)
