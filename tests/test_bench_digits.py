@@ -94,9 +94,11 @@ def test_metrics_are_computed_from_the_written_images(toy_run):
         saved = rows[row.key]
         assert saved["fid"] == pytest.approx(fid(net, images, reference), rel=1e-9)
         assert saved["digit_acc"] == digit_accuracy(net, images, [d for d, _, _ in combos])
-        if task == "domain":
-            acc = color_accuracy(images, [f for _, f, _ in combos], [b for _, _, b in combos])
+        if task in ("domain", "post"):  # colours scored on the prompts that name them
+            idx = [i for i, c in enumerate(combos) if c[1]]
+            acc = color_accuracy(images[idx], [combos[i][1] for i in idx], [combos[i][2] for i in idx])
             assert saved["color_acc"] == acc["both"] and saved["fg_acc"] == acc["fg"]
+            assert len(idx) == (len(combos) if task == "domain" else len(combos) // 2)
             # the same numbers do not come out of other images: the file is what was scored
             assert fid(net, torch.flip(images, dims=[-1]), reference) != saved["fid"]
         if task == "appearance":

@@ -113,6 +113,35 @@ def test_batches_follow_their_prompts(net):
     assert metrics.digit_accuracy(net, pixels, [d for d, _, _ in parsed]) >= 0.95
 
 
+def test_post_pretraining_set_is_half_source_half_attribute_binding_in_random_order(net):
+    from tsm.bench.digits import eval_set, train_batch
+
+    pixels, prompts = train_batch("post", 64, torch.Generator().manual_seed(0))
+    assert pixels.shape == (64, 3, 8, 8) and len(prompts) == 64
+    named = [p for p in prompts if not p.startswith("digit ")]
+    assert len(named) == 32  # half each
+    assert {dd.parse_target_prompt(p) for p in named} <= set(dd.target_combos("train"))
+    assert (
+        any(p.startswith("digit ") for p in prompts[32:]) and named[0] in prompts[:32]
+    )  # mixed, not in blocks
+    where = [i for i, p in enumerate(prompts) if p in set(named)]
+    acc = metrics.color_accuracy(
+        pixels[where], [prompts[i].split()[0] for i in where], [prompts[i].split()[3] for i in where]
+    )
+    assert acc["both"] == 1  # each named sample is drawn in its prompt's colours
+    assert metrics.digit_accuracy(net, pixels, [int(p.split()[1]) for p in prompts]) >= 0.9
+
+    prompts, seeds, reference, combos = eval_set("post", 2)
+    assert len(prompts) == len(seeds) == len(reference) == 120  # 60 source + 60 held-out combos
+    source = [c for c in combos if not c[1]]
+    held = [c for c in combos if c[1]]
+    assert len(source) == len(held) == 60 and set(held) == set(dd.target_combos("test"))
+    idx = [i for i, c in enumerate(combos) if c[1]]
+    acc = metrics.color_accuracy(reference[idx], [c[1] for c in held], [c[2] for c in held])
+    assert acc["both"] == 1  # the references follow the named colours
+    assert [p for p in prompts if p.startswith("digit ")] == [f"digit {d}" for d, _, _ in source]
+
+
 # ----------------------------------------------------------------------------------------------------
 # metrics
 # ----------------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def test_noise_offset_changes_the_noise(family, sd3_path):
 def digits_dir(tmp_path_factory) -> Path:
     from tsm.bench.digits_data import write_folder
 
-    return write_folder(tmp_path_factory.mktemp("keys") / "digits", "post", n=16)  # 8x8, "digit 3"
+    return write_folder(tmp_path_factory.mktemp("keys") / "digits", "source", n=16)  # 8x8, "digit 3"
 
 
 @pytest.fixture(scope="module")

@@ -263,7 +263,7 @@ def test_glance_and_distill_build_the_named_optimizer_in_both_stages():
 def digits_dir(tmp_path_factory) -> Path:
     from tsm.bench.digits_data import write_folder
 
-    return write_folder(tmp_path_factory.mktemp("optim") / "digits", "post", n=8)  # 8x8, "digit 3"
+    return write_folder(tmp_path_factory.mktemp("optim") / "digits", "source", n=8)  # 8x8, "digit 3"
 
 
 def write_run_config(path: Path, data: Path, optim: dict) -> Path:

@@ -25,7 +25,7 @@ FILES = ("unet", "text_encoder")
 def data(tmp_path_factory) -> Path:
     from tsm.bench.digits_data import write_folder
 
-    return write_folder(tmp_path_factory.mktemp("variants") / "digits", "post", n=8)
+    return write_folder(tmp_path_factory.mktemp("variants") / "digits", "source", n=8)
 
 
 def make_config(

@@ -8,6 +8,7 @@ since E[t] changes with t.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -94,7 +95,9 @@ def sample(
     """Images (N, 3, H, W) in [-1, 1] (clips (N, 3, F, H, W) for video), one per (prompt, seed) pair, at
     ``resolution``: a square side, or (height, width).
 
-    Each sample's initial noise comes from its own seed, so a tile does not depend on the batch around it.
+    Each sample's initial noise comes from its own seed, and so does the noise a stochastic scheduler (DDPM
+    ancestral) adds at every step: one generator per sample, passed to ``scheduler.step`` as diffusers'
+    pipelines pass theirs. A tile does not depend on the batch around it.
     """
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
@@ -103,8 +106,12 @@ def sample(
     for m in (c.denoiser, *c.text_encoders.values(), c.vae):
         m.eval()
     resolution, shape = _size(c, resolution, num_frames)
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = [torch.randn(shape, generator=g) for g in generators]
     scheduler = c.scheduler
+    step_kwargs = (
+        {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    )
     family.set_timesteps(c, steps, resolution, device)
     # flow-matching schedulers start from unit noise and need no input scaling
     latents = torch.stack(noise).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)  # (N, C, [F,] h, w)
@@ -123,7 +130,7 @@ def sample(
             pred = family.guide(pred_u, pred_c, guidance_scale)
         else:
             pred = _denoise(c, x, tt, family.size_conditioning(c, cond(t), x))
-        latents = scheduler.step(pred, t, latents).prev_sample
+        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return family.decode(c, latents).float().cpu()
 
 

@@ -4,7 +4,9 @@ Tasks (TSM Tables 4, 6, 7, 9 in miniature):
     domain    domain adaptation as attribute binding (like T2I-CompBench): the base model only knows
               "digit 3" in random colours; the target prompts "red 3 on blue" must be followed. Trained on
               240 (digit, fg, bg) combos, scored on 60 held-out combos never seen together.
-    post      post-pretraining: continue training on the source data ("digit 3", random colours).
+    post      post-pretraining on a broader set than the base's: its source data ("digit 3", random
+              colours) and attribute-binding samples, half each; scored on both kinds of prompt at once,
+              so a method must learn the new captions without losing the old ones.
     appearance  an appearance shift: the source's prompts, target images with bold strokes.
 
 Rows: base; plain LoRA r=4; for each n (quick: n=4; ``--full``: n=2, 4, 8) LoRA r=4 at n x steps (equal
@@ -59,11 +61,14 @@ class Budget:
     lr: float = 1e-3  # AdamW, experts and routers
     assemble_steps: int = 60  # router steps of the 2-stage rows, at batch `batch`
     eval_per_prompt: int = 4  # seeds per evaluation prompt (60 held-out prompts or 60 digit x colour: 240)
-    sample_steps: int | None = None  # DDIM steps (None: the sampler chosen on validation data, sampler.json)
+    sample_steps: int | None = (
+        None  # sampling steps (None: the sampler chosen on validation data, sampler.json)
+    )
     guidance: float | None = None  # classifier-free guidance (None: likewise)
 
     def sampler(self) -> tuple[int, float]:
-        """(DDIM steps, guidance) of the evaluation: the validated ones unless set."""
+        """(steps, guidance) of the evaluation: the validated ones unless set (the scheduler: always the
+        validated one, `DigitsFamily.default_scheduler`)."""
         from tsm.models.digits import DigitsFamily
 
         family = DigitsFamily()
@@ -253,9 +258,13 @@ def row_steps(row: Row, budget: Budget) -> tuple[int, int]:
 # data
 # ---------------------------------------------------------------------------------------------------------
 def train_batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """n training samples of a task: ``domain`` the attribute-binding targets ("red 3 on blue"), ``appearance``
+    bold strokes with the source's prompts, ``source`` the base's own data ("digit 3"), and ``post`` the broader
+    post-pretraining set: source and attribute-binding samples, half each, in random order."""
     from tsm.bench.digits_data import (
         bold,
         load_digit_split,
+        make_post_batch,
         make_source_batch,
         make_target_batch,
         target_combos,
@@ -266,6 +275,8 @@ def train_batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, li
         return make_target_batch(images, labels, target_combos("train"), n, g)
     if task == "appearance":  # the source's prompts, bold strokes
         return make_source_batch(bold(images), labels, n, g)
+    if task == "post":
+        return make_post_batch(images, labels, n, g)
     return make_source_batch(images, labels, n, g)
 
 
@@ -274,8 +285,11 @@ def eval_set(
 ) -> tuple[list[str], list[int], torch.Tensor, list[tuple]]:
     """(prompts, seeds, real reference images, (digit, fg, bg) per prompt) — fixed, from the held-out split.
 
-    ``split="train"`` is the validation set: train-split digits and combos, other draws and other seeds
-    (from 100,000), for choosing anything (the sampler) without looking at the test set.
+    ``domain``: the split's combos, ``per_prompt`` each; ``source`` and ``appearance``: the 10 digits x 6 x
+    ``per_prompt`` source prompts (fg = bg = "": the prompt names no colour); ``post``: half of each (10 x 3 x
+    ``per_prompt`` source prompts, then 30 x ``per_prompt`` of the combos, cycled). ``split="train"`` is the
+    validation set: train-split digits and combos, other draws and other seeds (from 100,000), for choosing
+    anything (the sampler) without looking at the test set.
     """
     from tsm.bench.digits_data import (
         COLORS,
@@ -291,20 +305,26 @@ def eval_set(
 
     images, labels = load_digit_split(split)
     g = torch.Generator().manual_seed(1234 if split == "test" else 4321)
+    named = target_combos(split)
     if task == "domain":
-        combos = [c for c in target_combos(split) for _ in range(per_prompt)]
+        combos = [c for c in named for _ in range(per_prompt)]
+    elif task == "post":
+        source = [(d, "", "") for d in list(range(10)) * per_prompt * 3]
+        combos = source + [named[i % len(named)] for i in range(30 * per_prompt)]
     else:
         combos = [(d, "", "") for d in list(range(10)) * per_prompt * 6]  # the prompt names the digit only
     by_digit = {d: np.flatnonzero(labels == d) for d in range(10)}
     picks = [int(by_digit[d][torch.randint(len(by_digit[d]), (1,), generator=g)]) for d, _, _ in combos]
-    if task == "domain":
-        fg_rgb = PALETTE_RGB[[COLORS.index(f) for _, f, _ in combos]]
-        bg_rgb = PALETTE_RGB[[COLORS.index(b) for _, _, b in combos]]
-    else:
-        fg_rgb, bg_rgb = source_colors(len(combos), g)
+    is_named = torch.tensor([bool(f) for _, f, _ in combos])
+    fg_rgb = PALETTE_RGB[[COLORS.index(f) if f else 0 for _, f, _ in combos]]
+    bg_rgb = PALETTE_RGB[[COLORS.index(b) if b else 0 for _, _, b in combos]]
+    if not is_named.all():  # the source's random colours (drawn only where some prompt names none)
+        src_fg, src_bg = source_colors(len(combos), g)
+        fg_rgb = torch.where(is_named[:, None], fg_rgb, src_fg)
+        bg_rgb = torch.where(is_named[:, None], bg_rgb, src_bg)
     gray = torch.as_tensor(images[picks])
     reference = colorize(bold(gray) if task == "appearance" else gray, fg_rgb, bg_rgb)
-    prompts = [target_prompt(*c) if task == "domain" else source_prompt(c[0]) for c in combos]
+    prompts = [target_prompt(*c) if c[1] else source_prompt(c[0]) for c in combos]
     first = 0 if split == "test" else 100_000
     seeds = list(range(first, first + len(prompts)))
     return prompts, seeds, reference, combos
@@ -445,8 +465,9 @@ def evaluate(c: Any, row: Row, budget: Budget, out: Path, net: Any) -> dict[str,
         "fid": fid(net, images, reference),
         "digit_acc": digit_accuracy(net, images, [d for d, _, _ in combos]),
     }
-    if row.task == "domain":
-        acc = color_accuracy(images, [f for _, f, _ in combos], [b for _, _, b in combos])
+    named = [i for i, (_, fg, _) in enumerate(combos) if fg]  # the prompts that name colours
+    if named:
+        acc = color_accuracy(images[named], [combos[i][1] for i in named], [combos[i][2] for i in named])
         metrics.update(fg_acc=acc["fg"], bg_acc=acc["bg"], color_acc=acc["both"])
     if row.task == "appearance":  # how bold: the strokes' coverage, against the bold references'
         coverage = float(ink(images).mean())
@@ -683,7 +704,7 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
         f"Mode: {'full' if cfg.full else 'quick'}; {seeds} seed{'s' if seeds > 1 else ''}"
         + (" (quick mode: one seed, so no error bars)" if seeds == 1 else " (mean ± std)")
         + f"; {b.steps} steps per expert at batch {b.batch}, lr {b.lr:g}; assembling {b.assemble_steps} router steps;"
-        f" {sample_steps} DDIM steps, guidance {guidance:g}; wall time {wall / 60:.1f} min for the rows run now.",
+        f" {sample_steps} {_scheduler_name()} steps, guidance {guidance:g}; wall time {wall / 60:.1f} min for the rows run now.",
         "",
         *_sampler_note(b),
         "Budget columns: *samples* = training samples seen (the paper's n x steps bookkeeping: each of n experts"
@@ -693,7 +714,7 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
     for task, entries in table.items():
         title = {
             "domain": "Domain adaptation (held-out attribute-binding prompts)",
-            "post": "Post-pretraining (source prompts)",
+            "post": "Post-pretraining (a broader set: source and colour-named prompts, half each)",
             "appearance": "Appearance shift (source prompts, bold strokes)",
         }[task]
         metrics = [(m, label) for m, label in METRICS if any(m in e for e in entries.values())]
@@ -730,6 +751,13 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
                 gain = f"{v['mean_gain']:+.3f} ± {v['se']:.3f}" if "mean_gain" in v else v.get("reason", "")
                 lines.append(f"| {name} | {v['against']} | {what} | **{v['verdict']}** | {gain} |")
     return "\n".join(lines) + "\n"
+
+
+def _scheduler_name() -> str:
+    from tsm.bench.digits_sampler import SCHEDULER_LABELS
+    from tsm.models.digits import DigitsFamily
+
+    return SCHEDULER_LABELS[DigitsFamily().default_scheduler]
 
 
 def _sampler_note(b: Budget) -> list[str]:

@@ -187,16 +187,35 @@ def make_target_batch(
     return colorize(images[index], fg, bg), [target_prompt(*combo) for combo in picked]
 
 
-def write_folder(root: str | Path, task: str = "post", n: int = 256, seed: int = 0) -> Path:
-    """Write ``n`` training-split images of ``task`` (post: a colour on black, "digit 3"; domain: the
-    attribute-binding target, "red 3 on blue") as 8x8 PNGs with .txt captions: data for `tsm train`
-    with ``model.family: digits`` (configs/digits_*.yaml)."""
+def make_post_batch(
+    images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, n: int, generator: torch.Generator
+) -> tuple[torch.Tensor, list[str]]:
+    """The post-pretraining set, broader than the base's: n // 2 source samples ("digit 3") and the rest
+    attribute-binding samples of the train combos ("red 3 on blue"), in random order."""
+    src_pixels, src_prompts = make_source_batch(images, labels, n // 2, generator)
+    tgt_pixels, tgt_prompts = make_target_batch(images, labels, target_combos("train"), n - n // 2, generator)
+    order = torch.randperm(n, generator=generator)
+    prompts = src_prompts + tgt_prompts
+    return torch.cat([src_pixels, tgt_pixels])[order], [prompts[i] for i in order.tolist()]
+
+
+WRITE_TASKS = ("source", "post", "domain")
+
+
+def write_folder(root: str | Path, task: str = "source", n: int = 256, seed: int = 0) -> Path:
+    """Write ``n`` training-split images of ``task`` (source: a colour on black or on another colour,
+    "digit 3"; domain: the attribute-binding target, "red 3 on blue"; post: half of each) as 8x8 PNGs with
+    .txt captions: data for `tsm train` with ``model.family: digits`` (configs/digits_*.yaml)."""
     from PIL import Image
 
+    if task not in WRITE_TASKS:
+        raise TsmError(f"unknown task {task!r}; use one of {', '.join(WRITE_TASKS)}")
     images, labels = load_digit_split("train")
     g = torch.Generator().manual_seed(seed)
     if task == "domain":
         pixels, prompts = make_target_batch(images, labels, target_combos("train"), n, g)
+    elif task == "post":
+        pixels, prompts = make_post_batch(images, labels, n, g)
     else:
         pixels, prompts = make_source_batch(images, labels, n, g)
     root = Path(root)
@@ -213,7 +232,7 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description="write digits-benchmark training images with captions")
     p.add_argument("out")
-    p.add_argument("--task", choices=["post", "domain"], default="post")
+    p.add_argument("--task", choices=list(WRITE_TASKS), default="source")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

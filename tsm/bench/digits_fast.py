@@ -40,7 +40,7 @@ def _score(
     from tsm.bench.metrics import digit_accuracy, fid
     from tsm.images import make_grid, to_pil
 
-    prompts, seeds, reference, combos = eval_set("post", per_prompt)
+    prompts, seeds, reference, combos = eval_set("source", per_prompt)
     t0 = time.perf_counter()
     images = sampler(c, prompts, seeds)
     seconds = time.perf_counter() - t0
@@ -72,9 +72,16 @@ def _mean(runs: list[dict]) -> dict:
 
 
 def _teacher(steps: int, guidance: float) -> Any:
+    """The teacher's many-step reference: DDIM (deterministic), whatever the family's validated scheduler."""
+    from diffusers import DDIMScheduler
+
     from tsm.sampling import sample
 
-    return lambda c, p, s: sample(c, p, s, steps=steps, guidance_scale=guidance, progress=False)
+    def draw(c: Any, p: list[str], s: list[int]) -> torch.Tensor:
+        c.scheduler = DDIMScheduler.from_config(c.scheduler.config)
+        return sample(c, p, s, steps=steps, guidance_scale=guidance, progress=False)
+
+    return draw
 
 
 def _listed(timesteps: list, final: Any, guidance: float, renoise: bool) -> Any:
@@ -153,11 +160,11 @@ def distill_rows(
             g = torch.Generator().manual_seed(seed)
             t0 = time.perf_counter()
             for _ in range(updates):
-                d.step(train_batch("post", batch, g)[1], g)
+                d.step(train_batch("source", batch, g)[1], g)
             if assemble:  # freeze the fostered experts; the routers learn with the same objective
                 d.assemble()
                 for _ in range(updates // 2):
-                    d.step(train_batch("post", batch, g)[1], g)
+                    d.step(train_batch("source", batch, g)[1], g)
             train_seconds = time.perf_counter() - t0
             sampler = _listed(list(PAPER_STEPS), None, 1.0, renoise=True)
             row = _score(c, sampler, name, out, net, per_prompt, seed)
@@ -211,7 +218,7 @@ def glance_rows(
             runs = []
             for seed in seeds:  # a seed draws the pairs, the expert init and the training draws
                 g = torch.Generator().manual_seed(100 + n_pairs + 1000 * seed)
-                pixels, prompts = train_batch("post", n_pairs, g)
+                pixels, prompts = train_batch("source", n_pairs, g)
                 c = DigitsFamily().load(str(base))
                 torch.manual_seed(seed)
                 tsm.add_experts(c.denoiser, glance_spec(ts["cut"], rank=4, targets=ATTN, context=router))

@@ -4,9 +4,11 @@
 
 The validation set is `tsm.bench.digits.eval_set(task, per_prompt, split="train")`: source prompts
 ("digit 3"), references drawn from the *train* split of the digits, and seeds from 100,000 (the test set uses
-the held-out split and seeds from 0). Every (steps, guidance) of the grid samples the base model; the choice
-is the highest digit accuracy, then (within 0.01 of it) the lowest FID, then the fewest steps. The result
-ships beside the weights (``sampler.json``) and `tsm.models.digits.DigitsFamily` samples with it by default.
+the held-out split and seeds from 0). Every (scheduler, steps, guidance) of the grid samples the base model:
+DDIM (deterministic) and DDPM's ancestral sampler (fresh noise at every step, from each sample's own seed).
+The choice: among the cells whose digit accuracy reaches 0.95, the lowest FID, then the fewest steps.
+The result ships beside the weights (``sampler.json``) and `tsm.models.digits.DigitsFamily` samples with it by
+default.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+GRID_SCHEDULERS = ("ddim", "ddpm")
 GRID_STEPS = (10, 25, 50)
 GRID_GUIDANCE = (1.0, 1.5, 2.0, 3.0, 5.0)
 
@@ -30,23 +33,30 @@ def validate(
     steps: tuple[int, ...] = GRID_STEPS,
     guidances: tuple[float, ...] = GRID_GUIDANCE,
     net_steps: int | None = None,
+    schedulers: tuple[str, ...] = GRID_SCHEDULERS,
 ) -> list[dict[str, Any]]:
-    """FID and digit accuracy of the base model on the validation set, for every (steps, guidance)."""
+    """FID and digit accuracy of the base model on the validation set, for every (scheduler, steps,
+    guidance)."""
+    import diffusers
+
     from tsm.bench.digits import eval_set, load_net
     from tsm.bench.metrics import digit_accuracy, fid
-    from tsm.models.digits import DigitsFamily
+    from tsm.models.digits import SCHEDULERS, DigitsFamily
     from tsm.sampling import sample
 
     net = load_net(net_path, net_steps)
     c = DigitsFamily().load(str(base))
-    prompts, seeds, reference, combos = eval_set("post", per_prompt, split="train")
+    config = dict(c.scheduler.config)
+    prompts, seeds, reference, combos = eval_set("source", per_prompt, split="train")
     rows = []
-    for n in steps:
-        for g in guidances:
+    for name in schedulers:
+        c.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(config)
+        for n, g in ((n, g) for n in steps for g in guidances):
             t0 = time.perf_counter()
             images = sample(c, prompts, seeds, steps=n, guidance_scale=g, progress=False)
             rows.append(
                 {
+                    "scheduler": name,
                     "steps": n,
                     "guidance": g,
                     "fid": fid(net, images, reference),
@@ -57,11 +67,24 @@ def validate(
     return rows
 
 
+SCHEDULER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM (ancestral)"}
+ACC_FLOOR = 0.95  # the benchmark's requirement: the base draws the digit its prompt names this often
+
+
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The highest digit accuracy; among rows within 0.01 of it the lowest FID; then the fewest steps."""
-    best = max(r["digit_acc"] for r in rows)
-    close = [r for r in rows if r["digit_acc"] >= best - 0.01]
-    return min(close, key=lambda r: (round(r["fid"], 1), r["steps"]))
+    """Among the rows whose digit accuracy reaches `ACC_FLOOR`: the lowest FID, then the fewest steps. If none
+    does, the most accurate. (Accuracy alone would pick the strongest guidance: at 5 it reads the digit best and
+    draws over-saturated strokes, FID 3-4x the best.)"""
+    good = [r for r in rows if r["digit_acc"] >= ACC_FLOOR]
+    if not good:
+        return max(rows, key=lambda r: (r["digit_acc"], -r["fid"]))
+    return min(good, key=lambda r: (round(r["fid"], 1), r["steps"]))
+
+
+def describe(chosen: dict[str, Any]) -> str:
+    """'10 DDPM (ancestral) steps, guidance 2' for a chosen row."""
+    kind = SCHEDULER_LABELS[chosen.get("scheduler", "ddim")]
+    return f"{chosen['steps']} {kind} steps, guidance {chosen['guidance']:g}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -69,15 +92,21 @@ def markdown(result: dict[str, Any]) -> str:
     chosen = result["chosen"]
     lines = [
         f"Sampler chosen on the validation set (train-split digits, seeds from 100,000; {result['images']} images"
-        f" per cell): **{chosen['steps']} DDIM steps, guidance {chosen['guidance']:g}** (base digit accuracy"
-        f" {chosen['digit_acc']:.3f}, FID {chosen['fid']:.1f}). `python -m tsm.bench.digits_sampler` reproduces it.",
+        f" per cell): **{describe(chosen)}** (base digit accuracy {chosen['digit_acc']:.3f}, FID"
+        f" {chosen['fid']:.1f}): among the cells of digit accuracy ≥ {ACC_FLOOR:g}, the lowest FID, then the fewest"
+        " steps."
+        " `python -m tsm.bench.digits_sampler` reproduces it.",
         "",
-        "| steps | guidance | FID ↓ | digit acc ↑ |",
-        "|---:|---:|---:|---:|",
+        "| scheduler | steps | guidance | FID ↓ | digit acc ↑ |",
+        "|---|---:|---:|---:|---:|",
     ]
+    key = ("scheduler", "steps", "guidance")
     for r in result["rows"]:
-        mark = " **←**" if (r["steps"], r["guidance"]) == (chosen["steps"], chosen["guidance"]) else ""
-        lines.append(f"| {r['steps']} | {r['guidance']:g} | {r['fid']:.1f} | {r['digit_acc']:.3f}{mark} |")
+        mark = " **←**" if all(r.get(k, "ddim") == chosen.get(k, "ddim") for k in key) else ""
+        lines.append(
+            f"| {r.get('scheduler', 'ddim')} | {r['steps']} | {r['guidance']:g} | {r['fid']:.1f} |"
+            f" {r['digit_acc']:.3f}{mark} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,8 @@ from tsm.models.registry import register
 BASE_DIR = Path(__file__).parent / "assets" / "digits_base"
 # the sampler chosen on a validation set (python -m tsm.bench.digits_sampler writes it; the table is in it)
 SAMPLER_FILE = BASE_DIR / "sampler.json"
+# its scheduler names: DDIM (deterministic) or DDPM's ancestral sampler, both on the folder's noise schedule
+SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
 
 # ----------------------------------------------------------------------------------------------------
 # vocabulary and tokenizer
@@ -102,6 +104,11 @@ class DigitsFamily(Family):
     def default_guidance(self) -> float:
         return float(_validated_sampler()["guidance"])
 
+    @property
+    def default_scheduler(self) -> str:
+        """The sampling scheduler chosen with the steps and guidance: "ddim" or "ddpm" (ancestral)."""
+        return str(_validated_sampler().get("scheduler", "ddim"))
+
     def load(
         self,
         path: str,
@@ -109,13 +116,15 @@ class DigitsFamily(Family):
         prediction_type: str | None = None,
         objective: Mapping[str, Any] | None = None,
     ) -> Components:
-        from diffusers import DDIMScheduler, UNet2DConditionModel
+        import diffusers
+        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         path = str(path or BASE_DIR)  # "": the shipped base model
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        scheduler_class = getattr(diffusers, SCHEDULERS[self.default_scheduler])
+        scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
         for m in (unet, text):
             m.requires_grad_(False)
             m.eval()
@@ -141,7 +150,8 @@ class DigitsFamily(Family):
 
 @functools.cache
 def _validated_sampler() -> dict[str, Any]:
-    """The (steps, guidance) `tsm.bench.digits_sampler` chose on validation data for the shipped weights."""
+    """The (scheduler, steps, guidance) `tsm.bench.digits_sampler` chose on validation data for the shipped
+    weights."""
     import json
 
     if not SAMPLER_FILE.is_file():
