@@ -777,7 +777,7 @@ def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall
     print(md)
     bar_plot(table, out / "results.png")
     curve_plot(table, out / "curve.png")
-    side_by_side(out, rows, done)
+    side_by_side(out, rows, done, cfg.budget.eval_per_prompt)
     verdicts = {t: {n: e["verdicts"] for n, e in d.items() if e["verdicts"]} for t, d in table.items()}
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     (out / "results.json").write_text(json.dumps({**results, "verdicts": verdicts}, indent=2))
@@ -860,22 +860,30 @@ def curve_plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def side_by_side(out: Path, rows: list[Row], done: dict, tiles: int = 32) -> None:
-    """Per task and seed: each method's first evaluation images (same prompts, same seeds) as one labelled row."""
+def side_by_side(out: Path, rows: list[Row], done: dict, per_prompt: int, tiles: int = 32) -> None:
+    """Per task and seed: each method's evaluation images (same prompts, same seeds) as one labelled row: the
+    first ``tiles`` ones; for post, the first half of each of its two halves (source, colour-named)."""
     from PIL import Image, ImageDraw
+
+    from tsm.images import make_grid, to_pil
 
     groups: dict[tuple[str, int], list[Row]] = {}
     for r in rows:
         if r.key in done and eval_png(out, r).is_file():
             groups.setdefault((r.task, r.seed), []).append(r)
     for (task, seed), members in groups.items():
+        n = len(eval_set(task, per_prompt)[0])
+        index = list(range(min(tiles, n)))
+        if task == "post":  # tiles // 2 source prompts, then tiles // 2 colour-named ones
+            index = index[: tiles // 2] + list(range(n // 2, n // 2 + tiles // 2))
         scale, label_w = 3, 190
-        canvas = Image.new("RGB", (label_w + tiles * 8 * scale, len(members) * 8 * scale), "white")
+        canvas = Image.new("RGB", (label_w + len(index) * 8 * scale, len(members) * 8 * scale), "white")
         draw = ImageDraw.Draw(canvas)
         for k, r in enumerate(members):
-            strip = Image.open(eval_png(out, r)).convert("RGB").crop((0, 0, tiles * 8, 8))
+            images = read_eval_png(eval_png(out, r), n)[index]
+            strip = make_grid([to_pil(x) for x in images], columns=len(index), pad=0)
             canvas.paste(
-                strip.resize((tiles * 8 * scale, 8 * scale), Image.NEAREST), (label_w, k * 8 * scale)
+                strip.resize((len(index) * 8 * scale, 8 * scale), Image.NEAREST), (label_w, k * 8 * scale)
             )
             draw.text((4, k * 8 * scale + 6), r.name, fill="black")
         canvas.save(out / f"grid_{task}_seed{seed}.png")
