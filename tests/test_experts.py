@@ -99,10 +99,20 @@ def injected(kind: str, scales=(4, 2, 1), seed: int = 0, **kw) -> tuple[nn.Modul
     return base, model
 
 
+# faithful TSM and the variants beyond the paper (tests/test_variants.py)
+FORMS = {
+    "faithful": {},
+    "shared": dict(shared_rank=3),
+    "smooth": dict(routing="smooth"),
+    "shared+smooth": dict(shared_rank=3, routing="smooth"),
+}
+
+
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_zero_init_equals_base_bitwise(kind):
-    base, model = injected(kind)
+def test_zero_init_equals_base_bitwise(kind, form):
+    base, model = injected(kind, **FORMS[form])
     x = make_input(kind, 6, torch.Generator().manual_seed(0))
     for stage in ("foster", "assemble"):
         tsm.set_stage(model, stage)
@@ -110,6 +120,8 @@ def test_zero_init_equals_base_bitwise(kind):
             model.train(train)
             base.train(train)
             assert torch.equal(model(x, T_MIXED), base(x, T_MIXED))
+            with torch.no_grad():  # one timestep for the batch: the single-expert path
+                assert torch.equal(model(x, T_MIXED[:1]), base(x, T_MIXED[:1]))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_experts import KINDS, T_MIXED, Net, make_input
+from test_experts import FORMS, KINDS, Net, injected, make_input
 from test_io import denoise, tiny_pipeline, tiny_unet
 
 import tsm
@@ -17,19 +17,7 @@ from tsm.experts import ExpertLayer
 from tsm.intervals import expert_index
 from tsm.routing import hat_weights
 
-VARIANTS = {
-    "shared": dict(shared_rank=3),
-    "smooth": dict(routing="smooth"),
-    "shared+smooth": dict(shared_rank=3, routing="smooth"),
-}
-
-
-def injected(kind: str, scales=(4, 2, 1), seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    base = Net(kind)
-    model = copy.deepcopy(base)
-    tsm.add_experts(model, tsm.ExpertSpec(scales=scales, rank=2, alpha=3, targets=["a", "b"], **kw))
-    return base, model
+VARIANTS = {name: kw for name, kw in FORMS.items() if name != "faithful"}
 
 
 def randomize(model, seed: int = 1) -> None:
@@ -125,21 +113,7 @@ def test_smooth_update_is_continuous_in_t():
 # ---------------------------------------------------------------------------------------------------------
 # zero init, mixed batches
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_zero_init_equals_base_bitwise(variant, kind):
-    base, model = injected(kind, **VARIANTS[variant])
-    x = make_input(kind, 6, torch.Generator().manual_seed(0))
-    for stage in ("foster", "assemble"):
-        tsm.set_stage(model, stage)
-        for train in (True, False):
-            model.train(train)
-            base.train(train)
-            assert torch.equal(model(x, T_MIXED), base(x, T_MIXED))
-            with torch.no_grad():
-                assert torch.equal(model(x, T_MIXED[:1]), base(x, T_MIXED[:1]))
-
-
+# (zero init equals the base bitwise for every variant: tests/test_experts.py)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_mixed_batch_equals_each_sample_alone(variant, kind):
