@@ -222,3 +222,15 @@ def test_bold_widens_every_stroke_by_one_column_and_ink_sees_it():
     )
     on_yellow = dd.colorize(torch.as_tensor(images[:50]), blue, yellow)
     torch.testing.assert_close(metrics.ink(on_yellow), metrics.ink(thin))
+
+
+def test_write_folder_writes_each_task_and_refuses_unknown_ones(tmp_path):
+    captions = {}
+    for task in dd.WRITE_TASKS:
+        folder = dd.write_folder(tmp_path / task, task, n=8)
+        captions[task] = sorted(p.read_text().strip() for p in folder.glob("*.txt"))
+        assert len(list(folder.glob("*.png"))) == 8
+    named = {t: sum(not c.startswith("digit ") for c in cs) for t, cs in captions.items()}
+    assert named == {"source": 0, "post": 4, "domain": 8}
+    with pytest.raises(TsmError, match="unknown task 'bold'"):
+        dd.write_folder(tmp_path / "x", "bold", n=2)

@@ -61,9 +61,7 @@ class Budget:
     lr: float = 1e-3  # AdamW, experts and routers
     assemble_steps: int = 60  # router steps of the 2-stage rows, at batch `batch`
     eval_per_prompt: int = 4  # seeds per evaluation prompt (60 held-out prompts or 60 digit x colour: 240)
-    sample_steps: int | None = (
-        None  # sampling steps (None: the sampler chosen on validation data, sampler.json)
-    )
+    sample_steps: int | None = None  # sampling steps (None: the validated sampler, sampler.json)
     guidance: float | None = None  # classifier-free guidance (None: likewise)
 
     def sampler(self) -> tuple[int, float]:
