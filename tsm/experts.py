@@ -122,13 +122,11 @@ class ExpertLayer(nn.Module):
     def delta_weight(self, expert: int | tuple[int, int, float]) -> torch.Tensor:
         """The weight update of a merge key: s * B A for one expert, or (1 - w) s B_lo A_lo + w s B_hi A_hi
         for a smooth blend; plus s0 * B0 A0 when there is a shared expert (float32)."""
-        if isinstance(expert, tuple):
-            lo, hi, w = expert
-            delta = (1.0 - w) * self.delta_weight_of(lo) + w * self.delta_weight_of(hi)
-        else:
-            delta = self.delta_weight_of(expert)
-        if self.shared_A is not None:
-            delta = delta + self.shared_scaling * self._product(self.shared_A, self.shared_B)
+        terms = iter(self._merge_terms(expert))
+        c, a, b = next(terms)
+        delta = c * self._product(a, b)
+        for c, a, b in terms:
+            delta = delta + c * self._product(a, b)
         return delta
 
     def delta_weight_of(self, expert: int) -> torch.Tensor:
