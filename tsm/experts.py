@@ -129,11 +129,6 @@ class ExpertLayer(nn.Module):
             delta = delta + c * self._product(a, b)
         return delta
 
-    def delta_weight_of(self, expert: int) -> torch.Tensor:
-        """s * B A for one expert alone (no shared part), shaped like the base weight (float32)."""
-        key = self.keys[expert]
-        return self.scaling * self._product(self.lora_A[key], self.lora_B[key])
-
     # ------------------------------------------------------------------------------------------------
     # mixed batches
     # ------------------------------------------------------------------------------------------------
