@@ -869,8 +869,9 @@ def side_by_side(out: Path, rows: list[Row], done: dict, per_prompt: int, tiles:
     for r in rows:
         if r.key in done and eval_png(out, r).is_file():
             groups.setdefault((r.task, r.seed), []).append(r)
+    sizes = {task: len(eval_set(task, per_prompt)[0]) for task, _ in groups}  # images per evaluation PNG
     for (task, seed), members in groups.items():
-        n = len(eval_set(task, per_prompt)[0])
+        n = sizes[task]
         index = list(range(min(tiles, n)))
         if task == "post":  # tiles // 2 source prompts, then tiles // 2 colour-named ones
             index = index[: tiles // 2] + list(range(n // 2, n // 2 + tiles // 2))

@@ -37,11 +37,9 @@ def validate(
 ) -> list[dict[str, Any]]:
     """FID and digit accuracy of the base model on the validation set, for every (scheduler, steps,
     guidance)."""
-    import diffusers
-
     from tsm.bench.digits import eval_set, load_net
     from tsm.bench.metrics import digit_accuracy, fid
-    from tsm.models.digits import SCHEDULERS, DigitsFamily
+    from tsm.models.digits import DigitsFamily, scheduler_class
     from tsm.sampling import sample
 
     net = load_net(net_path, net_steps)
@@ -50,7 +48,7 @@ def validate(
     prompts, seeds, reference, combos = eval_set("source", per_prompt, split="train")
     rows = []
     for name in schedulers:
-        c.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(config)
+        c.scheduler = scheduler_class(name).from_config(config)
         for n, g in ((n, g) for n in steps for g in guidances):
             t0 = time.perf_counter()
             images = sample(c, prompts, seeds, steps=n, guidance_scale=g, progress=False)

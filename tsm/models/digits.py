@@ -116,15 +116,13 @@ class DigitsFamily(Family):
         prediction_type: str | None = None,
         objective: Mapping[str, Any] | None = None,
     ) -> Components:
-        import diffusers
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         path = str(path or BASE_DIR)  # "": the shipped base model
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        scheduler_class = getattr(diffusers, SCHEDULERS[self.default_scheduler])
-        scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
+        scheduler = scheduler_class(self.default_scheduler).from_pretrained(path, subfolder="scheduler")
         for m in (unet, text):
             m.requires_grad_(False)
             m.eval()
@@ -146,6 +144,13 @@ class DigitsFamily(Family):
 
     def latent_shape(self, c: Components, resolution: int, num_frames: int) -> tuple[int, ...]:
         return (3, 8, 8)
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class of a `SCHEDULERS` name ("ddim" or "ddpm")."""
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name])
 
 
 @functools.cache
