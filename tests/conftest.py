@@ -4,12 +4,22 @@ Plain functions, so any test can ``from conftest import tiny_unet2d``. Every fac
 two calls give identical weights.
 """
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import torch
 
 import tsm
 
 # Tiny models: one thread is faster than several (no OpenMP spin-waits, no fighting other processes).
 torch.set_num_threads(1)
+
+# tsm's user cache (the data check's verdicts) goes to a folder of this test session, never ~/.cache;
+# subprocess runs inherit it through the environment
+os.environ["TSM_CACHE"] = tempfile.mkdtemp(prefix="tsm_cache_")
+atexit.register(shutil.rmtree, os.environ["TSM_CACHE"], ignore_errors=True)
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 

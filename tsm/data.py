@@ -17,6 +17,12 @@ Aspect-ratio buckets (``buckets=[(width, height), ...]``, or `make_buckets` from
 goes to the bucket nearest its aspect ratio, is resized to cover it and cropped to it; `StepBatches` then draws
 every step's whole batch from one bucket, so any split into processes and micro-batches stacks.
 
+`load_dataset` decodes every image and clip once before training (`check_files`): bad files are listed in
+one error, or with ``data.skip_bad`` left out and counted; the verdicts are kept in the user's cache folder
+(`user_cache_dir`) by each file's (path, size, mtime), so the next run decodes only what changed. Empty
+captions are counted in one warning. A file that goes bad later is still a one-line error naming it, also
+from DataLoader workers.
+
 ``LatentCache`` stores tensors as safetensors files keyed by (item key, model id, tag). An item's ``key`` is
 the sha256 of its file bytes plus its crop and flip, so a cached latent is reused exactly when the pixels
 would be the same. Text embeddings are cached only while the text encoder is frozen; when it carries
@@ -31,6 +37,7 @@ experts, its output depends on the expert, so key them per expert::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -45,8 +52,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from tsm.config import DataConfig
 from tsm.errors import TsmError
@@ -131,15 +139,32 @@ def _read_bytes(path: Path) -> bytes:
         ) from None
 
 
+# what PIL raises for a file it cannot read (truncated, not an image, a decompression bomb, a bad header)
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _reason(e: BaseException) -> str:
+    """Why a file could not be read, in a few words (the caller names the file)."""
+    if isinstance(e, UnidentifiedImageError):  # its message names an io.BytesIO object, not the file
+        return "not an image file PIL can identify"
+    strerror = getattr(e, "strerror", None)  # OSError and PyAV's errors: without errno and file name
+    text = strerror or (str(e).splitlines()[0] if str(e) else "")
+    return text or type(e).__name__
+
+
+def _rgb(data: bytes) -> Image.Image:
+    """RGB image from file bytes, upright; raises what PIL raises (`_IMAGE_ERRORS`)."""
+    image = Image.open(io.BytesIO(data))
+    image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+    return image.convert("RGB")  # PIL decodes lazily: this forces the decode, so truncated files fail here
+
+
 def _decode_image(data: bytes, path: Path) -> Image.Image:
-    """RGB image from file bytes; PIL decodes lazily, so load inside the try to catch truncated files too."""
+    """RGB image from file bytes; a file PIL cannot decode is an error naming ``path``."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
-        return image.convert("RGB")  # also forces the decode
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TsmError(f"cannot read image {path} ({reason}); replace or delete the file") from None
+        return _rgb(data)
+    except _IMAGE_ERRORS as e:
+        raise TsmError(f"cannot read image {path} ({_reason(e)}); replace or delete the file") from None
 
 
 @dataclass(frozen=True)
@@ -190,9 +215,8 @@ def _image_size(path: Path) -> tuple[int, int]:
             width, height = image.size
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that exif_transpose turns
                 width, height = height, width
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TsmError(f"cannot read image {path} ({reason}); replace or delete the file") from None
+    except _IMAGE_ERRORS as e:
+        raise TsmError(f"cannot read image {path} ({_reason(e)}); replace or delete the file") from None
     return width, height
 
 
@@ -239,12 +263,90 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 
 
 # ----------------------------------------------------------------------------------------------------
+# every file checked once before step 0
+# ----------------------------------------------------------------------------------------------------
+CHECK_FORMAT = 1  # "format" of a check file; bump when what a stored verdict means changes
+CHECK_BAR_FROM = 64  # files left to decode from which the check shows a progress bar
+NAMED = 5  # bad files (or empty captions) named in one message; the rest are counted
+
+
+class _Unreadable(Exception):
+    """An item that cannot be decoded; the message is the reason, in a few words."""
+
+
+def user_cache_dir() -> Path:
+    """The user's tsm cache folder: ``$TSM_CACHE``, else ``$XDG_CACHE_HOME/tsm``, else ``~/.cache/tsm``."""
+    if os.environ.get("TSM_CACHE"):
+        return Path(os.environ["TSM_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tsm"
+
+
+def check_cache_path(root: PathLike) -> Path:
+    """Where the verdicts of the file check of data folder ``root`` are kept: one JSON file per folder."""
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return user_cache_dir() / "data_check" / f"{digest}.json"
+
+
+def _read_checks(path: Path) -> dict[str, Any]:
+    """The stored verdicts by item (its path relative to the folder); none when absent or unreadable."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("format") != CHECK_FORMAT:
+        return {}
+    items = stored.get("items")
+    return items if isinstance(items, dict) else {}
+
+
+def _write_checks(path: Path, root: Path, items: dict[str, Any]) -> None:
+    """Store the verdicts atomically (a tmp file, then os.replace): a crash, or another process of the same
+    run writing too, leaves the old file or a whole new one. A cache that cannot be written is no error."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"format": CHECK_FORMAT, "root": str(root.resolve()), "items": items}))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning("cannot save the data check in %s (%s); the next run checks every file again", path, e)
+
+
+def _signature(root: Path, files: Sequence[Path]) -> list[list[Any]] | None:
+    """(path, size, mtime) of an item's files: a stored verdict holds while this is unchanged. None when a
+    file cannot be stat'ed (the check then fails on it, and nothing is stored)."""
+    signature = []
+    for f in files:
+        try:
+            stat = f.stat()
+        except OSError:
+            return None
+        signature.append([f.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return signature
+
+
+def _main_process() -> bool:
+    """Not a second process of a multi-process run (accelerate sets RANK): only one prints the data lines."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _named(names: Sequence[str]) -> str:
+    """'a.png, b.png, c.png' for a few names, '..., e.png and 7 more' for many."""
+    more = f" and {len(names) - NAMED} more" if len(names) > NAMED else ""
+    return ", ".join(names[:NAMED]) + more
+
+
+# ----------------------------------------------------------------------------------------------------
 # datasets
 # ----------------------------------------------------------------------------------------------------
 class _CaptionedFolder(Dataset):
-    """What image and video folders share: arguments, seeded draws, caption dropout, crop choice."""
+    """What image and video folders share: arguments, seeded draws, caption dropout, crop choice, the file
+    check."""
 
     kind = "images"
+    noun = "images"  # what an item is, in messages
+    per_item = ("paths", "captions")  # the lists with one entry per item (left out together by skip_bad)
 
     def __init__(
         self,
@@ -300,10 +402,91 @@ class _CaptionedFolder(Dataset):
         """Item ``index`` as drawn in the current epoch (`set_epoch`), or ``dataset[(index, epoch)]``: the
         epoch travels with the index, so DataLoader workers need no `set_epoch` of their own."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        return self.item(int(index), int(epoch))
+        path = self.paths[int(index)]  # an IndexError stays one: iterating a dataset stops on it
+        try:
+            return self.item(int(index), int(epoch))
+        except TsmError:
+            raise
+        except Exception as e:  # any other failure: still one line naming the file (`_Loader` passes it on)
+            raise TsmError(
+                f"cannot load {path} ({type(e).__name__}: {_reason(e)}); check or replace the file"
+            ) from e
 
     def item(self, index: int, epoch: int) -> dict[str, Any]:
         raise NotImplementedError
+
+    # --- the file check -------------------------------------------------------------------------------
+    def files(self, index: int) -> list[Path]:
+        """The files item ``index`` is read from."""
+        return [self.paths[index]]
+
+    def decode_all(self, index: int) -> dict[str, Any]:
+        """Decode item ``index`` in full (raising `_Unreadable`); what to remember about it."""
+        raise NotImplementedError
+
+    def check_files(self, skip_bad: bool) -> list[dict[str, Any]]:
+        """Decode every item once before training, so a bad file stops the run before step 0 with the list
+        of every bad file rather than at the step that first reads it. Verdicts are kept in
+        `check_cache_path` (root) by each file's (path, size, mtime), so a later run decodes only what changed.
+        Bad items are an error, or with ``skip_bad`` left out and counted; none readable is an error either
+        way. Returns the verdicts of the items kept."""
+        store = check_cache_path(self.root)
+        known = _read_checks(store)
+        names = [p.relative_to(self.root).as_posix() for p in self.paths]
+        signatures = [_signature(self.root, self.files(i)) for i in range(len(self))]
+        verdicts: dict[str, dict[str, Any]] = {}
+        for name, signature in zip(names, signatures, strict=True):
+            stored = known.get(name)
+            if signature is not None and isinstance(stored, dict) and stored.get("signature") == signature:
+                verdicts[name] = stored
+        todo = [i for i, n in enumerate(names) if n not in verdicts]
+        quiet = len(todo) < CHECK_BAR_FROM or not _main_process()
+        for i in tqdm(todo, desc="checking data", unit="file", disable=quiet):
+            try:
+                verdicts[names[i]] = {"signature": signatures[i], "bad": None, **self.decode_all(i)}
+            except _Unreadable as e:
+                verdicts[names[i]] = {"signature": signatures[i], "bad": str(e)}
+        if todo:
+            kept = {n: v for n, v in verdicts.items() if v["signature"] is not None}
+            _write_checks(store, self.root, kept)
+        bad = [i for i, n in enumerate(names) if verdicts[n]["bad"]]
+        if bad:
+            first = f"{names[bad[0]]}: {verdicts[names[bad[0]]]['bad']}"
+            listed = _named([names[i] for i in bad])
+            if len(bad) == len(names):
+                raise TsmError(
+                    f"none of the {len(names)} {self.noun} in {self.root} can be read ({first}); "
+                    "replace them or fix data.path"
+                )
+            if not skip_bad:
+                raise TsmError(
+                    f"{len(bad)} of {len(names)} {self.noun} in {self.root} cannot be read: {listed} "
+                    f"({first}); replace or delete them, or set data.skip_bad=true to train without them"
+                )
+            if _main_process():
+                log.warning("skipped %d unreadable files of %d: %s (%s)", len(bad), len(names), listed, first)
+            keep = sorted(set(range(len(names))) - set(bad))
+            for attr in self.per_item:
+                setattr(self, attr, [getattr(self, attr)[i] for i in keep])
+            names = [names[i] for i in keep]
+        return [verdicts[n] for n in names]
+
+    def warn_empty_captions(self) -> None:
+        """One line counting the items whose caption is empty (unless instance_prompt replaces them all):
+        an empty .txt is more often a mistake than a wish to train without text."""
+        if self.instance_prompt is not None or not _main_process():
+            return
+        empty = [
+            p.relative_to(self.root).as_posix()
+            for p, c in zip(self.paths, self.captions, strict=True)
+            if not c
+        ]
+        if empty:
+            trains = "on the trigger alone" if self.trigger else "unconditionally"
+            log.warning(
+                "%d of %d %s have an empty caption (they train %s): %s; write their captions, or set "
+                "data.instance_prompt", len(empty), len(self), self.noun, trains, _named(empty),
+            )  # fmt: skip
 
     def _rng(self, index: int, stream: int, epoch: int | None = None) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index, stream])
@@ -370,9 +553,11 @@ class CaptionedImageFolder(_CaptionedFolder):
     ``{"pixels": (3, R, R) float32 in [-1, 1], "caption": str, "key": str, "original_size": (h, w),
     "crop_top_left": (top, left)}``, or (3, H, W) of the image's bucket with ``buckets``.
 
-    Captions are checked when the folder is opened (a missing one is an error naming the image);
-    images are decoded only when loaded, and a corrupt one is an error naming its file (with ``buckets``
-    every header is read when the folder is opened, to assign the buckets).
+    Captions are checked when the folder is opened (a missing one is an error naming the image, empty ones
+    are counted in a warning). With ``check`` every image is decoded once when the folder is opened
+    (`check_files`: bad ones are an error listing them, or with ``skip_bad`` left out); else images are
+    decoded only when loaded, and a corrupt one is an error naming its file. With ``buckets`` every header
+    is read when the folder is opened, to assign the buckets.
     """
 
     def __init__(
@@ -384,6 +569,8 @@ class CaptionedImageFolder(_CaptionedFolder):
         caption_dropout: float = 0.0,
         seed: int = 0,
         buckets: Sequence[tuple[int, int]] | None = None,
+        check: bool = False,
+        skip_bad: bool = False,
         **captions: Any,
     ) -> None:
         """``captions``: instance_prompt, trigger, shuffle_tags, keep_tokens (see `caption_at`)."""
@@ -398,9 +585,19 @@ class CaptionedImageFolder(_CaptionedFolder):
             raise TsmError(
                 f"data folder {self.root} has no images ({', '.join(IMAGE_EXTS)}); add some or fix data.path"
             )
+        if check:
+            self.check_files(skip_bad)
+        self.warn_empty_captions()
         if buckets is not None:
             self.buckets = [(int(w), int(h)) for w, h in buckets]
             self.item_buckets = [nearest_bucket(*_image_size(p), self.buckets) for p in self.paths]
+
+    def decode_all(self, index: int) -> dict[str, Any]:
+        try:
+            _rgb(self.paths[index].read_bytes())
+        except _IMAGE_ERRORS as e:  # OSError: also a file that cannot be read
+            raise _Unreadable(_reason(e)) from None
+        return {}
 
     def item(self, index: int, epoch: int) -> dict[str, Any]:
         path = self.paths[index]
@@ -419,10 +616,13 @@ class VideoClipFolder(_CaptionedFolder):
 
     A folder clip's caption is ``<clip>.txt`` next to it or ``caption.txt`` inside it; a video file's is
     ``<clip>.txt``; either can instead have a metadata.jsonl line. Frame folders are counted when the
-    dataset is opened; a video file's frames only when it is decoded.
+    dataset is opened; a video file's frames only when it is decoded, or with ``check`` when the dataset is
+    opened: every frame of every clip is then decoded once (`check_files`).
     """
 
     kind = "video clips (frame folders or .mp4 files)"
+    noun = "clips"
+    per_item = ("paths", "captions", "frames")
 
     def __init__(
         self,
@@ -433,6 +633,8 @@ class VideoClipFolder(_CaptionedFolder):
         random_flip: bool = False,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        check: bool = False,
+        skip_bad: bool = False,
         **captions: Any,
     ) -> None:
         """``captions``: instance_prompt, trigger, shuffle_tags, keep_tokens (see `caption_at`)."""
@@ -454,6 +656,12 @@ class VideoClipFolder(_CaptionedFolder):
             raise TsmError(
                 f"data folder {self.root} has no clips: put each clip's frames in a subfolder or add .mp4 files"
             )
+        if check:
+            verdicts = self.check_files(skip_bad)  # first: it can leave clips out of self.paths
+            for clip, verdict in zip(self.paths, verdicts, strict=True):
+                if "frames" in verdict:  # a video file: now counted
+                    self._check_length(clip, verdict["frames"])
+        self.warn_empty_captions()
 
     def _add(
         self, clip: Path, frames: list[Path] | None, sidecars: list[Path], metadata: dict[Path, str]
@@ -479,6 +687,33 @@ class VideoClipFolder(_CaptionedFolder):
                 f"clip {clip} has {count} frames, fewer than num_frames={self.num_frames}; "
                 "lower num_frames or remove the clip"
             )
+
+    def files(self, index: int) -> list[Path]:
+        return self.frames[index] or [self.paths[index]]
+
+    def decode_all(self, index: int) -> dict[str, Any]:
+        """Every frame decoded: a frame folder's files (all of one size), or a video file's frames (counted)."""
+        frame_files = self.frames[index]
+        if frame_files is not None:
+            sizes = set()
+            for path in frame_files:
+                try:
+                    sizes.add(_rgb(path.read_bytes()).size)
+                except _IMAGE_ERRORS as e:
+                    raise _Unreadable(f"frame {path.name}: {_reason(e)}") from None
+            if len(sizes) > 1:
+                raise _Unreadable("frames of different sizes")
+            return {}
+        import av
+
+        try:
+            with av.open(str(self.paths[index])) as container:
+                count = sum(1 for _ in container.decode(video=0))
+        except IndexError:
+            raise _Unreadable("no video stream") from None
+        except (av.error.FFmpegError, OSError) as e:
+            raise _Unreadable(_reason(e)) from None
+        return {"frames": count}
 
     def _indices(self, count: int) -> list[int]:
         """num_frames evenly spaced frames from the first to the last (distinct since count >= num_frames)."""
@@ -530,7 +765,7 @@ class VideoClipFolder(_CaptionedFolder):
                 if set(wanted) - kept.keys():
                     kept, _ = decode(set(wanted))
         except (av.error.FFmpegError, IndexError, OSError) as e:
-            reason = str(e).splitlines()[0] if str(e) else "no video stream"
+            reason = "no video stream" if isinstance(e, IndexError) else _reason(e)
             raise TsmError(
                 f"cannot read video {path} ({reason}); replace it or convert it to a frame folder"
             ) from None
@@ -656,7 +891,7 @@ def cached_latent_dist(
 def load_dataset(cfg: DataConfig, video: bool, seed: int = 0) -> CaptionedImageFolder | VideoClipFolder:
     """The dataset a config names: an image folder (square crops, or ``data.buckets``), or a folder of clips
     for video models; its crops, flips, tag order and caption dropout are drawn from (``seed``: the run's,
-    epoch, index)."""
+    epoch, index). Every file is decoded once here (`check_files`; ``data.skip_bad`` leaves bad ones out)."""
     if not cfg.path:
         raise TsmError("data.path is empty: give a folder of images with captions (or of video clips)")
     common = dict(
@@ -669,6 +904,8 @@ def load_dataset(cfg: DataConfig, video: bool, seed: int = 0) -> CaptionedImageF
         trigger=cfg.trigger,
         shuffle_tags=cfg.shuffle_tags,
         keep_tokens=cfg.keep_tokens,
+        check=True,
+        skip_bad=cfg.skip_bad,
     )
     if video:
         if cfg.buckets is not None:
@@ -759,6 +996,26 @@ class StepBatches(Sampler):
                     yield [self.key(q) for q in range(p, p + self.local)]
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose workers' TsmErrors arrive as the one line they were raised with: torch re-raises a
+    worker's exception as "Caught TsmError in DataLoader worker process 0.\nOriginal Traceback ...
+    \ntsm.errors.TsmError: <message>", and that message is what the CLI would print."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except TsmError as e:
+                lines = str(e).strip().splitlines()
+                if len(lines) < 2:  # raised in this process: already one line
+                    raise
+                raise TsmError(re.sub(r"^[\w.]*TsmError: ", "", lines[-1])) from None
+            yield batch
+
+
 def step_loader(
     dataset: Any, cfg: Any, batch: int, micro: int, local: int, rank: int, total: int
 ) -> Callable[[int], DataLoader]:
@@ -768,7 +1025,7 @@ def step_loader(
     def loader(start: int) -> DataLoader:
         sampler = StepBatches(dataset, cfg.train.seed, start, total, batch, micro, local, rank)
         workers = cfg.data.num_workers
-        return DataLoader(
+        return _Loader(
             dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
             prefetch_factor=2 if workers else None, persistent_workers=False,
         )  # fmt: skip
