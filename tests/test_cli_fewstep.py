@@ -218,10 +218,10 @@ def test_per_step_export_is_the_models_update_at_that_step(assets, tmp_path):
 def test_shipped_configs_parse_and_the_sd15_distill_config_runs(assets, tmp_path, capsys):
     from tsm.config import load_config
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).resolve().parents[1] / "tsm" / "configs").glob("*.yaml"))
     assert {"sd15_distill.yaml", "flux_glance.yaml", "qwen_glance.yaml"} <= {p.name for p in configs}
     for path in configs:
-        assert path.read_text().startswith(f"# tsm train configs/{path.name}"), path
+        assert path.read_text().startswith(f"# tsm train {path.stem} "), path
         load_config(path)
     # the paper's distillation modules all exist in a diffusers UNet (the tiny one has every kind)
     code, err = run_cli(
@@ -245,7 +245,7 @@ def test_digits_configs_run_on_the_builtin_model(name, tmp_path, capsys):
 
     data = write_folder(tmp_path / "data", n=8)
     assert sorted(p.read_text().split()[0] for p in data.glob("*.txt")) == ["digit"] * 8
-    config = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    config = name  # a packaged config, by name
     code, err = run_cli(
         capsys, "train", config, f"data.path={data}", "train.steps=2", "train.assemble_steps=1",
         "train.batch_size=2", f"train.output_dir={tmp_path / 'run'}", "distill.fake_updates=1",

@@ -102,7 +102,7 @@ def test_two_processes_match_one_across_the_stage_switch(method, assets, tmp_pat
     assert_same_weights(tmp_path / "two" / "unet.safetensors", tmp_path / "one" / "unet.safetensors", atol)
 
 
-FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
+FSDP = REPO / "tsm" / "configs" / "accelerate" / "fsdp.yaml"
 
 
 def test_the_shipped_fsdp_config_is_an_accelerate_fsdp_config():
@@ -110,7 +110,9 @@ def test_the_shipped_fsdp_config_is_an_accelerate_fsdp_config():
 
     cfg = ClusterConfig.from_yaml_file(str(FSDP))
     assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2 and not cfg.use_cpu
-    assert FSDP.read_text().startswith("# accelerate launch --config_file configs/accelerate/fsdp.yaml")
+    assert FSDP.read_text().startswith(
+        "# accelerate launch --config_file fsdp.yaml -m tsm.cli train sd15_foster"
+    )
 
 
 @pytest.mark.skipif(

@@ -232,11 +232,11 @@ def test_two_transformer_training_batch_goes_to_each_by_t(folders):
 # ---------------------------------------------------------------------------------------------------------
 # tsm train
 # ---------------------------------------------------------------------------------------------------------
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "wan_foster.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "tsm" / "configs" / "wan_foster.yaml"
 
 
 def shipped_config_args(model, clips, output_dir) -> list[str]:
-    """configs/wan_foster.yaml at tiny sizes: 5-frame 32x32 clips, rank 2, 2 steps of batch 2."""
+    """The packaged wan_foster config at tiny sizes: 5-frame 32x32 clips, rank 2, 2 steps of batch 2."""
     return [
         "train", str(CONFIG), f"model.path={model}", f"data.path={clips}", f"data.resolution={RES}",
         f"data.num_frames={FRAMES}", "experts.rank=2", "experts.alpha=2", "train.steps=2", "train.batch_size=2",
@@ -248,7 +248,7 @@ def shipped_config_args(model, clips, output_dir) -> list[str]:
 def test_shipped_config_is_wan_21_13b():
     from tsm.config import load_config
 
-    assert CONFIG.read_text().startswith("# tsm train configs/wan_foster.yaml")
+    assert CONFIG.read_text().startswith("# tsm train wan_foster ")
     cfg = load_config(CONFIG)
     assert (cfg.model.family, cfg.model.path) == ("wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     assert (cfg.data.num_frames - 1) % 4 == 0 and cfg.data.resolution % 16 == 0  # 81 frames, 480 px
