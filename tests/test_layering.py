@@ -4,13 +4,13 @@ Layers, lowest first (imports may only point down, or stay within a layer):
 
     core      tsm/__init__.py intervals spec routing router experts inject grads objectives errors images
     models    tsm/models/
-    services  tsm/data.py sampling.py io.py config.py optimizers.py
+    services  tsm/data.py sampling.py io.py config.py optimizers.py comfyui.py rundir.py
     recipes   tsm/recipes/
     bench     tsm/bench/
     cli       tsm/cli.py
 
 Inside services the order is what the modules import today: ``data`` imports ``config`` and ``io``; ``io``,
-``config`` and ``sampling`` import no other service; ``optimizers`` imports ``config``. Inside recipes, a
+``config`` and ``sampling`` import no other service; ``optimizers`` and ``rundir`` import ``config``. Inside recipes, a
 method never imports another method: only ``base`` (what they share) and ``run`` (the loop, which finds
 methods through the registry).
 """
@@ -40,7 +40,7 @@ CORE = (
     "errors",
     "images",
 )
-SERVICES = ("data", "sampling", "io", "config", "optimizers", "comfyui")
+SERVICES = ("data", "sampling", "io", "config", "optimizers", "comfyui", "rundir")
 # within services: a module may import only services of a lower rank (the order of today's imports)
 SERVICES_RANK = {
     "tsm.io": 0,
@@ -49,6 +49,7 @@ SERVICES_RANK = {
     "tsm.data": 1,
     "tsm.optimizers": 1,
     "tsm.comfyui": 1,
+    "tsm.rundir": 1,
 }
 # the package's own __init__ is the public facade: it re-exports tsm.io's save/load/export_lora (a service
 # that itself imports core modules only, checked below), so `tsm.save(...)` works after `import tsm`
@@ -199,6 +200,66 @@ def test_run_finds_recipes_through_the_registry_only():
         if i.module.startswith("tsm.recipes") and i.module not in ("tsm.recipes", "tsm.recipes.base")
     ]
     assert not bad, "tsm/recipes/run.py may import tsm.recipes.base only:\n" + "\n".join(bad)
+
+
+def import_cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
+    """The import cycles of a graph (a -> b: a imports b): its strongly connected components of more than one
+    module (every module in one reaches every other), and any module that imports itself; each sorted."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph[v]:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
+def test_the_cycle_finder_finds_cycles_and_only_cycles():
+    assert import_cycles({("a", "b"), ("b", "c"), ("a", "c")}) == []
+    assert import_cycles({("a", "b"), ("b", "a"), ("b", "c")}) == [["a", "b"]]
+    assert import_cycles({("z", "y"), ("y", "x"), ("x", "z"), ("x", "w")}) == [["x", "y", "z"]]
+    assert import_cycles({("s", "s"), ("s", "t")}) == [["s"]]
+
+
+def test_bench_modules_import_each_other_one_way_only():
+    """No import cycle inside tsm/bench, counting imports inside functions: shared pieces of the digits
+    runners live in a lower module (digits_data, digits_common) that imports none of them."""
+    edges = {
+        (i.source, i.module)
+        for i in all_imports()
+        if i.source.startswith("tsm.bench.") and i.module.startswith("tsm.bench.")
+    }
+    assert ("tsm.bench.digits", "tsm.bench.digits_fast") in edges  # the scan sees the function-level import
+    cycles = import_cycles(edges)
+    listed = "\n".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, (
+        f"tsm/bench modules importing each other in a circle (move what they share lower):\n{listed}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

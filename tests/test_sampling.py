@@ -136,3 +136,75 @@ def test_ancestral_ddpm_sampling_is_stable_diffusion_pipelines_per_sample_genera
     torch.testing.assert_close(same_start, theirs)  # deterministic per seed
     steps_noise = sample(c, prompts, [3, 5], steps=4, guidance_scale=3.0, resolution=32, progress=False)
     assert (steps_noise[1] - ours[1]).abs().max() > 1e-2  # another seed, another image: the check can fail
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prompts, steps and the progress bar
+# ---------------------------------------------------------------------------------------------------------
+def test_the_trigger_goes_in_front_as_the_dataset_puts_it_in_front_of_captions(tmp_path):
+    from tsm.data import CaptionedImageFolder, write_digits_image_folder
+    from tsm.sampling import with_trigger
+
+    root = write_digits_image_folder(tmp_path / "images", n=3, size=8)
+    plain = CaptionedImageFolder(root, resolution=8)
+    triggered = CaptionedImageFolder(root, resolution=8, trigger="xyz")
+    captions = [plain.caption_at(i) for i in range(len(plain))]
+    assert with_trigger(captions, "xyz") == [triggered.caption_at(i) for i in range(len(plain))]
+    assert with_trigger(captions, None) == captions
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a cat", "xyz, a cat"),
+        ("xyz, a cat", "xyz, a cat"),  # already there: not twice
+        ("xyz a cat", "xyz a cat"),
+        ("  xyz", "  xyz"),
+        ("xyzzy cat", "xyz, xyzzy cat"),  # another word that starts alike
+        ("", ""),  # the unconditional sample stays unconditional
+    ],
+)
+def test_the_trigger_is_never_doubled(prompt, expected):
+    from tsm.sampling import with_trigger
+
+    assert with_trigger([prompt], "xyz") == [expected]
+
+
+def test_long_values_are_shortened_for_one_line_messages():
+    from tsm.errors import shorten
+
+    long = "a " * 5000
+    assert shorten(long) == long[:60] + "… (10000 characters)"
+    assert shorten("a cat") == "a cat" and shorten("b" * 60) == "b" * 60
+
+
+def test_fewer_than_one_step_is_an_error_not_a_division_by_zero():
+    from diffusers import DDPMScheduler
+
+    from tsm.errors import TsmError
+    from tsm.sampling import sample
+
+    c = components(Recorder(0.0), DDPMObjective.from_scheduler(DDPMScheduler()))
+    for steps in (0, -3):
+        with pytest.raises(TsmError, match=f"sampler steps must be at least 1, got {steps}"):
+            sample(c, ["a"], [0], steps=steps)
+
+
+def test_listed_timesteps_show_a_bar_with_their_count_unless_told_not_to(capsys):
+    from diffusers import DDPMScheduler
+
+    c = components(Recorder(0.0), DDPMObjective.from_scheduler(DDPMScheduler()))
+    sample_timesteps_list(c, ["a", "b"], [0, 1], [999, 749, 499, 249], desc="validation grid")
+    assert "validation grid (2 images, 4 steps)" in capsys.readouterr().err
+    sample_timesteps_list(c, ["a", "b"], [0, 1], [999, 749, 499, 249], progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_long_prompt_is_shortened_in_the_digits_tokenizers_error():
+    from tsm.errors import TsmError
+    from tsm.models.digits import tokenize
+
+    for prompt in ["a " * 5000, "digit " * 5000]:  # an unknown word; too many words
+        with pytest.raises(TsmError) as e:
+            tokenize([prompt])
+        assert len(str(e.value)) < 250 and f"({len(prompt)} characters)" in str(e.value)

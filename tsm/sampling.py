@@ -9,6 +9,7 @@ since E[t] changes with t.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,6 +21,26 @@ from tsm.intervals import expert_index
 from tsm.models import Components, Family
 
 Resolution = int | tuple[int, int]  # a square side, or (height, width), in pixels
+
+
+def with_trigger(prompts: Sequence[str], trigger: str | None) -> list[str]:
+    """``prompts`` as the run trained on its captions: ``data.trigger`` in front ("trigger, prompt", as
+    `tsm.data` builds captions), unless a prompt already starts with it. An empty prompt stays empty: it is the
+    unconditional sample (what caption dropout trained), not the trigger alone."""
+    if not trigger:
+        return list(prompts)
+    starts = re.compile(rf"\s*{re.escape(trigger)}(?!\w)")
+    return [p if not p or starts.match(p) else f"{trigger}, {p}" for p in prompts]
+
+
+def _bar(steps: Sequence, n: int, desc: str, progress: bool) -> tqdm:
+    """The sampling loop's progress bar on stderr: ``desc (N images, S steps)``, its total and ETA."""
+    return tqdm(
+        steps,
+        desc=f"{desc} ({n} {'image' if n == 1 else 'images'}, {len(steps)} steps)",
+        disable=not progress,
+        leave=False,
+    )
 
 
 class PromptEncoder:
@@ -62,14 +83,31 @@ def _negative(c: Components, negative_prompt: str, n: int) -> Callable[[float, d
 
 def _size(c: Components, resolution: Resolution, num_frames: int) -> tuple[Resolution, tuple[int, ...]]:
     """``resolution`` (a square as its side) and one sample's latent shape. Families with their own
-    `latent_shape` (2x2-packed Flux/Qwen tokens, digits) sample squares only."""
-    if not isinstance(resolution, int):
-        height, width = (int(v) for v in resolution)
-        resolution = height if height == width else (height, width)
-        if height != width and type(c.family).latent_shape is not Family.latent_shape:
+    `latent_shape` (2x2-packed Flux/Qwen tokens, digits) sample squares only and check their own sizes; the
+    others need multiples of the VAE's factor times the denoiser's patch size, or the latent would round
+    down and the image come out smaller than asked."""
+    height, width = (resolution, resolution) if isinstance(resolution, int) else (int(v) for v in resolution)
+    if height < 1 or width < 1:
+        raise TsmError(f"cannot sample {height}x{width} (height x width) images; give a positive size")
+    resolution = height if height == width else (height, width)
+    if type(c.family).latent_shape is not Family.latent_shape:
+        if height != width:
             raise TsmError(
                 f"the {c.family.name} family samples square images only; give --resolution, or equal "
                 "--width and --height"
+            )
+    else:
+        patch = (
+            getattr(c.denoiser, "config", {}).get("patch_size") or 1
+        )  # PixArt's transformer: 2; UNets: none
+        patch = int(patch[-1] if isinstance(patch, tuple | list) else patch)
+        factor = 2 ** (len(c.vae.config.block_out_channels) - 1) * patch
+        bad = [side for side in (height, width) if side % factor]
+        if bad:
+            near = max(factor, round(bad[0] / factor) * factor)
+            raise TsmError(
+                f"{c.family.name} samples sizes that are multiples of {factor} pixels, got {height}x{width} "
+                f"(height x width); use e.g. {near} instead of {bad[0]}"
             )
     return resolution, c.family.latent_shape(c, resolution, num_frames)
 
@@ -91,9 +129,11 @@ def sample(
     num_frames: int = 16,
     negative_prompt: str = "",
     progress: bool = True,
+    desc: str = "sampling",
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] (clips (N, 3, F, H, W) for video), one per (prompt, seed) pair, at
-    ``resolution``: a square side, or (height, width).
+    ``resolution``: a square side, or (height, width). ``progress``: a bar over the steps on stderr, with
+    its ETA, labelled ``desc (N images, S steps)``.
 
     Each sample's initial noise comes from its own seed, and so does the noise a stochastic scheduler (DDPM
     ancestral) adds at every step: one generator per sample, passed to ``scheduler.step`` as diffusers'
@@ -102,6 +142,8 @@ def sample(
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; pass one seed per prompt")
+    if steps < 1:
+        raise TsmError(f"sampler steps must be at least 1, got {steps}")
     family, device = c.family, next(c.denoiser.parameters()).device
     for m in (c.denoiser, *c.text_encoders.values(), c.vae):
         m.eval()
@@ -118,7 +160,7 @@ def sample(
     cfg = guidance_scale > 1.0
     cond = PromptEncoder(c, prompts)
     uncond = _negative(c, negative_prompt, len(prompts)) if cfg else None
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+    for t in _bar(scheduler.timesteps, len(prompts), desc, progress):
         x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         tt = t.to(device).expand(len(prompts))
         if cfg:  # one batch of [uncond; cond], as the diffusers pipelines do
@@ -174,12 +216,14 @@ def sample_timesteps_list(
     resolution: Resolution = 512,
     num_frames: int = 16,
     negative_prompt: str = "",
+    progress: bool = True,
+    desc: str = "sampling",
 ) -> torch.Tensor:
     """Sample on an explicit list of timesteps (a 4-step generator's 999/749/499/249, Glance's 10 steps).
 
     The model is conditioned on ``timesteps[k]`` and the step integrates to ``timesteps[k + 1]``; the last
     step goes to ``final`` (None: straight to x0). ``renoise=True`` re-noises each x0 with fresh noise
-    (DMD2); otherwise the path is deterministic (DDIM / Euler).
+    (DMD2); otherwise the path is deterministic (DDIM / Euler). ``progress`` and ``desc``: as `sample`'s.
     """
     prompts, seeds = list(prompts), list(seeds)
     family, device, objective = c.family, next(c.denoiser.parameters()).device, c.objective
@@ -191,7 +235,7 @@ def sample_timesteps_list(
     cond = PromptEncoder(c, prompts)
     uncond = _negative(c, negative_prompt, len(prompts)) if guidance_scale > 1.0 else None
     points = [*timesteps, final]
-    for t_now, t_next in zip(points[:-1], points[1:], strict=True):
+    for t_now, t_next in _bar(list(zip(points[:-1], points[1:], strict=True)), len(prompts), desc, progress):
         dtype = torch.float32 if objective.continuous else torch.long
         t = torch.full((len(prompts),), t_now, dtype=dtype, device=device)
         if uncond is not None:

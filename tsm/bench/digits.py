@@ -44,13 +44,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from tsm.bench.digits_common import ATTN, load_net, quiet_loading_bars, read_eval_png
+from tsm.bench.digits_data import eval_set, train_batch
 from tsm.errors import TsmError
 
 TASKS = ("domain", "post", "appearance")
 # the metric each task's verdicts are read on, and whether higher is better
 MAIN_METRIC = {"domain": ("fid", False), "post": ("fid", False), "appearance": ("ink_err", False)}
 QUICK_NS, FULL_NS = (4,), (2, 4, 8)  # the expert counts n of each mode's rows
-ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "v_proj"]
 
 
@@ -253,82 +254,6 @@ def row_steps(row: Row, budget: Budget) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------------------
-def train_batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """n training samples of a task: ``domain`` the attribute-binding targets ("red 3 on blue"), ``appearance``
-    bold strokes with the source's prompts, ``source`` the base's own data ("digit 3"), and ``post`` the broader
-    post-pretraining set: source and attribute-binding samples, half each, in random order."""
-    from tsm.bench.digits_data import (
-        bold,
-        load_digit_split,
-        make_post_batch,
-        make_source_batch,
-        make_target_batch,
-        target_combos,
-    )
-
-    images, labels = load_digit_split("train")
-    if task == "domain":
-        return make_target_batch(images, labels, target_combos("train"), n, g)
-    if task == "appearance":  # the source's prompts, bold strokes
-        return make_source_batch(bold(images), labels, n, g)
-    if task == "post":
-        return make_post_batch(images, labels, n, g)
-    return make_source_batch(images, labels, n, g)
-
-
-def eval_set(
-    task: str, per_prompt: int, split: str = "test"
-) -> tuple[list[str], list[int], torch.Tensor, list[tuple]]:
-    """(prompts, seeds, real reference images, (digit, fg, bg) per prompt) — fixed, from the held-out split.
-
-    ``domain``: the split's combos, ``per_prompt`` each; ``source`` and ``appearance``: the 10 digits x 6 x
-    ``per_prompt`` source prompts (fg = bg = "": the prompt names no colour); ``post``: half of each (10 x 3 x
-    ``per_prompt`` source prompts, then 30 x ``per_prompt`` of the combos, cycled). ``split="train"`` is the
-    validation set: train-split digits and combos, other draws and other seeds (from 100,000), for choosing
-    anything (the sampler) without looking at the test set.
-    """
-    from tsm.bench.digits_data import (
-        COLORS,
-        PALETTE_RGB,
-        bold,
-        colorize,
-        load_digit_split,
-        source_colors,
-        source_prompt,
-        target_combos,
-        target_prompt,
-    )
-
-    images, labels = load_digit_split(split)
-    g = torch.Generator().manual_seed(1234 if split == "test" else 4321)
-    named = target_combos(split)
-    if task == "domain":
-        combos = [c for c in named for _ in range(per_prompt)]
-    elif task == "post":
-        source = [(d, "", "") for d in list(range(10)) * per_prompt * 3]
-        combos = source + [named[i % len(named)] for i in range(30 * per_prompt)]
-    else:
-        combos = [(d, "", "") for d in list(range(10)) * per_prompt * 6]  # the prompt names the digit only
-    by_digit = {d: np.flatnonzero(labels == d) for d in range(10)}
-    picks = [int(by_digit[d][torch.randint(len(by_digit[d]), (1,), generator=g)]) for d, _, _ in combos]
-    is_named = torch.tensor([bool(f) for _, f, _ in combos])
-    fg_rgb = PALETTE_RGB[[COLORS.index(f) if f else 0 for _, f, _ in combos]]
-    bg_rgb = PALETTE_RGB[[COLORS.index(b) if b else 0 for _, _, b in combos]]
-    if not is_named.all():  # the source's random colours (drawn only where some prompt names none)
-        src_fg, src_bg = source_colors(len(combos), g)
-        fg_rgb = torch.where(is_named[:, None], fg_rgb, src_fg)
-        bg_rgb = torch.where(is_named[:, None], bg_rgb, src_bg)
-    gray = torch.as_tensor(images[picks])
-    reference = colorize(bold(gray) if task == "appearance" else gray, fg_rgb, bg_rgb)
-    prompts = [target_prompt(*c) if c[1] else source_prompt(c[0]) for c in combos]
-    first = 0 if split == "test" else 100_000
-    seeds = list(range(first, first + len(prompts)))
-    return prompts, seeds, reference, combos
-
-
-# ---------------------------------------------------------------------------------------------------------
 # training one row
 # ---------------------------------------------------------------------------------------------------------
 class DigitsTask(torch.utils.data.Dataset):
@@ -486,22 +411,6 @@ def eval_png(out: Path, row: Row) -> Path:
     return out / "eval_images" / f"{row.task}__{slug}__seed{row.seed}.png"
 
 
-def read_eval_png(path: Path, n: int, columns: int = 32) -> torch.Tensor:
-    """The n 8x8 tiles of an evaluation PNG, as (n, 3, 8, 8) in [-1, 1]."""
-    from PIL import Image
-
-    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float() / 127.5 - 1  # (H, W, 3)
-    rows = math.ceil(n / columns)
-    tiles = grid.reshape(rows, 8, columns, 8, 3).permute(0, 2, 4, 1, 3).reshape(rows * columns, 3, 8, 8)
-    return tiles[:n]
-
-
-def load_net(net_path: Path, net_steps: int | None) -> Any:
-    from tsm.bench.metrics import load_or_train_digit_net
-
-    return load_or_train_digit_net(net_path, **({"steps": net_steps} if net_steps else {}))
-
-
 def run_row(
     row: Row,
     budget: Budget,
@@ -532,7 +441,7 @@ def run_row(
 def _worker(args: tuple) -> dict:
     row, budget, base, out, net_path, net_steps, queue = args
     torch.set_num_threads(1)
-    _quiet()
+    quiet_loading_bars()
     return run_row(row, budget, base, out, net_path, net_steps, report=queue.put)
 
 
@@ -558,7 +467,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
 
     from tsm.bench.digits_model import BASE_DIR, base_available, pretrain_base
 
-    _quiet()
+    quiet_loading_bars()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(cfg.base) if cfg.base else BASE_DIR
@@ -600,15 +509,6 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     wall = time.perf_counter() - t0
     summary = write_reports(out, cfg, done, rows, wall)
     return summary
-
-
-def _quiet() -> None:
-    """No per-file loading bars from diffusers/transformers under the benchmark's own progress bar."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _parallel(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tsm.errors import TsmError
+from tsm.errors import TsmError, shorten
 from tsm.models.digits import COLOR_WORDS, DIGIT_WORDS, TOKEN_ID, VOCAB, detokenize, tokenize  # noqa: F401 (re-exported)
 
 # Six colours whose RGB differ by at least 1 (one full channel), so a colour is read off an image exactly.
@@ -99,7 +99,7 @@ def parse_target_prompt(text: str) -> tuple[int, str, str]:
         or words[1] not in DIGIT_WORDS
         or not {words[0], words[3]} <= set(COLORS)
     ):
-        raise TsmError(f"{text!r} is not a target prompt; expected '<colour> <digit> on <colour>'")
+        raise TsmError(f"{shorten(text)!r} is not a target prompt; expected '<colour> <digit> on <colour>'")
     return int(words[1]), words[0], words[3]
 
 
@@ -199,13 +199,68 @@ def make_post_batch(
     return torch.cat([src_pixels, tgt_pixels])[order], [prompts[i] for i in order.tolist()]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the benchmark's training batches and held-out evaluation sets
+# ---------------------------------------------------------------------------------------------------------
+def train_batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """n training samples of a task: ``domain`` the attribute-binding targets ("red 3 on blue"), ``appearance``
+    bold strokes with the source's prompts, ``source`` the base's own data ("digit 3"), and ``post`` the broader
+    post-pretraining set: source and attribute-binding samples, half each, in random order."""
+    images, labels = load_digit_split("train")
+    if task == "domain":
+        return make_target_batch(images, labels, target_combos("train"), n, g)
+    if task == "appearance":  # the source's prompts, bold strokes
+        return make_source_batch(bold(images), labels, n, g)
+    if task == "post":
+        return make_post_batch(images, labels, n, g)
+    return make_source_batch(images, labels, n, g)
+
+
+def eval_set(
+    task: str, per_prompt: int, split: str = "test"
+) -> tuple[list[str], list[int], torch.Tensor, list[tuple]]:
+    """(prompts, seeds, real reference images, (digit, fg, bg) per prompt) — fixed, from the held-out split.
+
+    ``domain``: the split's combos, ``per_prompt`` each; ``source`` and ``appearance``: the 10 digits x 6 x
+    ``per_prompt`` source prompts (fg = bg = "": the prompt names no colour); ``post``: half of each (10 x 3 x
+    ``per_prompt`` source prompts, then 30 x ``per_prompt`` of the combos, cycled). ``split="train"`` is the
+    validation set: train-split digits and combos, other draws and other seeds (from 100,000), for choosing
+    anything (the sampler) without looking at the test set.
+    """
+    images, labels = load_digit_split(split)
+    g = torch.Generator().manual_seed(1234 if split == "test" else 4321)
+    named = target_combos(split)
+    if task == "domain":
+        combos = [c for c in named for _ in range(per_prompt)]
+    elif task == "post":
+        source = [(d, "", "") for d in list(range(10)) * per_prompt * 3]
+        combos = source + [named[i % len(named)] for i in range(30 * per_prompt)]
+    else:
+        combos = [(d, "", "") for d in list(range(10)) * per_prompt * 6]  # the prompt names the digit only
+    by_digit = {d: np.flatnonzero(labels == d) for d in range(10)}
+    picks = [int(by_digit[d][torch.randint(len(by_digit[d]), (1,), generator=g)]) for d, _, _ in combos]
+    is_named = torch.tensor([bool(f) for _, f, _ in combos])
+    fg_rgb = PALETTE_RGB[[COLORS.index(f) if f else 0 for _, f, _ in combos]]
+    bg_rgb = PALETTE_RGB[[COLORS.index(b) if b else 0 for _, _, b in combos]]
+    if not is_named.all():  # the source's random colours (drawn only where some prompt names none)
+        src_fg, src_bg = source_colors(len(combos), g)
+        fg_rgb = torch.where(is_named[:, None], fg_rgb, src_fg)
+        bg_rgb = torch.where(is_named[:, None], bg_rgb, src_bg)
+    gray = torch.as_tensor(images[picks])
+    reference = colorize(bold(gray) if task == "appearance" else gray, fg_rgb, bg_rgb)
+    prompts = [target_prompt(*c) if c[1] else source_prompt(c[0]) for c in combos]
+    first = 0 if split == "test" else 100_000
+    seeds = list(range(first, first + len(prompts)))
+    return prompts, seeds, reference, combos
+
+
 WRITE_TASKS = ("source", "post", "domain")
 
 
 def write_folder(root: str | Path, task: str = "source", n: int = 256, seed: int = 0) -> Path:
     """Write ``n`` training-split images of ``task`` (source: a colour on black or on another colour,
     "digit 3"; domain: the attribute-binding target, "red 3 on blue"; post: half of each) as 8x8 PNGs with
-    .txt captions: data for `tsm train` with ``model.family: digits`` (configs/digits_*.yaml)."""
+    .txt captions: data for `tsm train` with ``model.family: digits`` (digits_distill, digits_glance)."""
     from PIL import Image
 
     if task not in WRITE_TASKS:

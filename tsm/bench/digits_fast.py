@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 import tsm
-from tsm.bench.digits import ATTN, eval_set, read_eval_png
+from tsm.bench.digits_common import ATTN, load_net, quiet_loading_bars, read_eval_png
+from tsm.bench.digits_data import eval_set, train_batch
 from tsm.models.digits import BASE_DIR, DigitsFamily
 
 PAPER_STEPS = (999, 749, 499, 249)
@@ -88,7 +89,7 @@ def _listed(timesteps: list, final: Any, guidance: float, renoise: bool) -> Any:
     from tsm.sampling import sample_timesteps_list
 
     return lambda c, p, s: sample_timesteps_list(
-        c, p, s, timesteps, final, guidance_scale=guidance, renoise=renoise
+        c, p, s, timesteps, final, guidance_scale=guidance, renoise=renoise, progress=False
     )
 
 
@@ -115,7 +116,6 @@ def distill_rows(
     teacher: dict,
     seeds: list[int] = (0,),
 ) -> list[dict]:
-    from tsm.bench.digits import train_batch
     from tsm.recipes.distill import Distiller, distill_spec
 
     rows = [teacher]
@@ -185,7 +185,6 @@ def glance_rows(
     teacher: dict,
     seeds: list[int] = (0,),
 ) -> list[dict]:
-    from tsm.bench.digits import train_batch
     from tsm.recipes.glance import glance_spec, glance_timesteps, train_glance
 
     rows = [
@@ -288,9 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every trained row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from tsm.bench.digits import _quiet, load_net
-
-    _quiet()
+    quiet_loading_bars()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     net = load_net(out / "digit_net.safetensors", None)

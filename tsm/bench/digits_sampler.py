@@ -2,7 +2,7 @@
 
     python -m tsm.bench.digits_sampler [--per-prompt 4] [--out tsm/models/assets/digits_base/sampler.json]
 
-The validation set is `tsm.bench.digits.eval_set(task, per_prompt, split="train")`: source prompts
+The validation set is `tsm.bench.digits_data.eval_set(task, per_prompt, split="train")`: source prompts
 ("digit 3"), references drawn from the *train* split of the digits, and seeds from 100,000 (the test set uses
 the held-out split and seeds from 0). Every (scheduler, steps, guidance) of the grid samples the base model:
 DDIM (deterministic) and DDPM's ancestral sampler (fresh noise at every step, from each sample's own seed).
@@ -37,7 +37,8 @@ def validate(
 ) -> list[dict[str, Any]]:
     """FID and digit accuracy of the base model on the validation set, for every (scheduler, steps,
     guidance)."""
-    from tsm.bench.digits import eval_set, load_net
+    from tsm.bench.digits_common import load_net
+    from tsm.bench.digits_data import eval_set
     from tsm.bench.metrics import digit_accuracy, fid
     from tsm.models.digits import DigitsFamily, scheduler_class
     from tsm.sampling import sample

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tsm.errors import TsmError
+from tsm.errors import TsmError, shorten
 from tsm.models.base import ATTN, Components, Family
 from tsm.models.registry import register
 
@@ -43,9 +43,13 @@ def tokenize(prompts: list[str], max_length: int = 6) -> torch.Tensor:
         words = text.split()
         unknown = [w for w in words if w not in TOKEN_ID]
         if unknown:
-            raise TsmError(f"unknown word {unknown[0]!r} in prompt {text!r}; the vocabulary is {VOCAB[3:]}")
+            raise TsmError(
+                f"unknown word {unknown[0]!r} in prompt {shorten(text)!r}; the vocabulary is {VOCAB[3:]}"
+            )
         if len(words) + 2 > max_length:
-            raise TsmError(f"prompt {text!r} has {len(words)} words; at most {max_length - 2} fit max_length")
+            raise TsmError(
+                f"prompt {shorten(text)!r} has {len(words)} words; at most {max_length - 2} fit max_length"
+            )
         tokens = [TOKEN_ID[BOS], *(TOKEN_ID[w] for w in words), TOKEN_ID[EOS]]
         ids[row, : len(tokens)] = torch.tensor(tokens)
     return ids

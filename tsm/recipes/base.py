@@ -91,13 +91,15 @@ class Recipe:
         guidance_scale: float,
         resolution: int,
         progress: bool = True,
+        desc: str = "sampling",
     ) -> torch.Tensor:
-        """Sample a trained run the way this method samples (default: the scheduler with ``steps`` steps)."""
+        """Sample a trained run the way this method samples (default: the scheduler with ``steps`` steps);
+        ``progress``: a bar over the steps on stderr, labelled ``desc (N images, S steps)``."""
         from tsm.sampling import sample
 
         return sample(
             c, prompts, seeds, steps, guidance_scale, resolution=resolution, num_frames=cfg.data.num_frames,
-            progress=progress,
+            progress=progress, desc=desc,
         )  # fmt: skip
 
 

@@ -457,9 +457,10 @@ class DistillRecipe(Recipe):
         guidance_scale: float,
         resolution: int,
         progress: bool = True,
+        desc: str = "sampling",
     ) -> torch.Tensor:
         """The generator's own timesteps, re-noised between steps, no guidance (``steps`` is ignored)."""
         return sample_timesteps_list(
             c, prompts, seeds, cfg.distill.timesteps, None, renoise=True, resolution=resolution,
-            num_frames=cfg.data.num_frames,
+            num_frames=cfg.data.num_frames, progress=progress, desc=desc,
         )  # fmt: skip

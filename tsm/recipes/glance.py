@@ -274,10 +274,11 @@ class GlanceRecipe(Recipe):
         guidance_scale: float,
         resolution: int,
         progress: bool = True,
+        desc: str = "sampling",
     ) -> torch.Tensor:
         """Glance's 10 uneven steps (``steps`` is ignored: the phases list them)."""
         ts = glance_timesteps_for(cfg, c)
         return sample_timesteps_list(
             c, prompts, seeds, ts["slow"] + ts["fast"], ts["final"], guidance_scale=guidance_scale,
-            resolution=resolution, num_frames=cfg.data.num_frames,
+            resolution=resolution, num_frames=cfg.data.num_frames, progress=progress, desc=desc,
         )  # fmt: skip

@@ -1,6 +1,6 @@
 """Plain LoRA (n=1), fostering and assembling: the diffusion loss with per-sample expert routing.
 
-    tsm train configs/sd15_foster.yaml [section.key=value ...] [--resume]
+    tsm train sd15_foster [section.key=value ...] [--resume]
 
 Every random draw of a step (its samples, timesteps, expert scales, noise) comes from generators seeded by
 (seed, step) over the *global* batch, and each process takes its slice. The denoiser and text encoders are
