@@ -200,7 +200,11 @@ def test_sample_grid_matches_files_and_export_info(assets, tmp_path, capsys):
     )
     assert code == 0, err
     keys = load_file(tmp_path / "e.safetensors").keys()
-    assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    # without --module the file carries the run's whole expert: the UNet's and the text encoder's
+    assert keys and all(
+        k.startswith(("unet.", "text_encoder.")) and (".lora_A." in k or ".lora_B." in k) for k in keys
+    )
+    assert any(k.startswith("text_encoder.") for k in keys)
     code, err = run_cli("export", tmp_path / "foster", "--all", "--out", tmp_path / "all", capsys=capsys)
     assert code == 0 and len(list((tmp_path / "all").glob("*.safetensors"))) == 5
     # the same expert as kohya keys (the tensors renamed and the scale folded as kohya's alpha), and the
@@ -211,16 +215,30 @@ def test_sample_grid_matches_files_and_export_info(assets, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     kohya, diffusers_file = load_file(tmp_path / "k.safetensors"), load_file(tmp_path / "e.safetensors")
-    assert all(k.startswith("lora_unet_") for k in kohya) and len(kohya) == len(diffusers_file) * 3 // 2
+    assert (
+        all(k.startswith(("lora_unet_", "lora_te_")) for k in kohya)
+        and len(kohya) == len(diffusers_file) * 3 // 2
+    )
+    assert any(k.startswith("lora_te_") for k in kohya)
     downs = sorted(v.sum().item() for k, v in kohya.items() if k.endswith("lora_down.weight"))
     assert downs == sorted(v.sum().item() for k, v in diffusers_file.items() if ".lora_A." in k)
-    code, err = run_cli("export", tmp_path / "foster", "--comfyui", tmp_path / "comfy", capsys=capsys)
+    code, err = run_cli(
+        "export",
+        tmp_path / "foster",
+        "--comfyui",
+        tmp_path / "comfy",
+        "--ckpt",
+        "sd15.safetensors",
+        capsys=capsys,
+    )
     assert code == 0, err
     graph = json.loads((tmp_path / "comfy" / "workflow_api.json").read_text())
     loras = sorted(p.name for p in (tmp_path / "comfy").glob("*.safetensors"))
     assert loras == [f"tsm_s0_i{i}.safetensors" for i in range(4)]
     assert sorted(n["inputs"]["lora_name"] for n in graph.values() if "lora_name" in n["inputs"]) == loras
-    refused = one_line_error(capsys, "export", tmp_path / "assemble", "--comfyui", tmp_path / "c2")
+    refused = one_line_error(
+        capsys, "export", tmp_path / "assemble", "--comfyui", tmp_path / "c2", "--ckpt", "sd15.safetensors"
+    )
     assert "depend on the layer's input" in refused  # the assembled run's router reads z: not a LoRA
     assert run_cli("info", tmp_path / "foster" / "unet.safetensors", capsys=None)[0] == 0
     printed = capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""The ComfyUI export: key names ComfyUI's loader maps, keyframe percents that reproduce the interval
-boundaries through ComfyUI's percent -> sigma formulas, and a well-formed API-JSON node graph."""
+"""The ComfyUI export: key names ComfyUI's loader maps, and a workflow whose keyframes, run through ComfyUI's own
+rules (restated below from comfy/model_sampling.py, comfy/samplers.py and comfy/hooks.py), give every sampling
+call exactly one expert: the one tsm routes at that call's timestep."""
 
 import json
 import math
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from test_io import error_of, tiny_unet, with_experts
 
+import tsm
 from tsm import comfyui
 
 # ComfyUI's names (comfy/lora.py): kohya for UNets (lora_unet_ + the diffusers module path with _), CLIP text
@@ -27,21 +29,155 @@ FLOW_KEY = re.compile(
 )
 
 
-# ComfyUI's percent_to_sigma (comfy/model_sampling.py), restated for the test
-def discrete_t(p: float) -> float:  # ModelSamplingDiscrete: sigma((1 - p) * 999), log-linear in the table
-    return (1.0 - p) * 999.0
+# ---------------------------------------------------------------------------------------------------------
+# ComfyUI, restated: model_sampling (sigma tables, timestep, percent_to_sigma), two schedulers, the keyframe rule
+# ---------------------------------------------------------------------------------------------------------
+class Discrete:  # comfy/model_sampling.py ModelSamplingDiscrete, SD1.x/SDXL settings ("linear", 0.00085, 0.012)
+    def __init__(self):
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
+
+    def timestep(self, sigma):
+        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+
+    def sigma(self, timestep):
+        t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return self.sigma(torch.tensor((1.0 - percent) * 999.0)).item()
+
+    def tsm_t(self, sigma):  # the model is fed timestep(sigma), tsm's t
+        return float(self.timestep(sigma))
 
 
-def flow_sigma(p: float, shift: float) -> float:  # ModelSamplingDiscreteFlow: time_snr_shift(shift, 1 - p)
-    u = 1.0 - p
-    return shift * u / (1 + (shift - 1) * u)
+class Flow:  # ModelSamplingDiscreteFlow (SD3, multiplier 1000); the model is fed sigma * 1000
+    def __init__(self, shift):
+        self.shift = shift
+        self.sigmas = self.sigma((torch.arange(1, 1001, 1) / 1000) * 1000)
+
+    def sigma(self, timestep):
+        t = timestep / 1000
+        return t if self.shift == 1.0 else self.shift * t / (1 + (self.shift - 1) * t)
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return self.sigma(torch.tensor((1.0 - percent) * 1000)).item()
+
+    def tsm_t(self, sigma):
+        return float(sigma * 1000)
 
 
-def flux_sigma(p: float, mu: float) -> float:  # ModelSamplingFlux: flux_time_shift(mu, 1.0, 1 - p)
-    u = 1.0 - p
-    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+class Flux:  # ModelSamplingFlux (shift = mu, 10000 entries); the model is fed sigma, tsm's t is sigma * 1000
+    def __init__(self, mu):
+        self.mu = mu
+        self.sigmas = self.sigma(torch.arange(1, 10001, 1) / 10000)
+
+    def sigma(self, t):
+        return math.exp(self.mu) / (math.exp(self.mu) + (1 / t - 1) ** 1.0)
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return self.sigma(1.0 - percent)
+
+    def tsm_t(self, sigma):
+        return float(sigma) * 1000
 
 
+def simple_scheduler(s, steps):  # comfy/samplers.py
+    ss = len(s.sigmas) / steps
+    return torch.FloatTensor([float(s.sigmas[-(1 + int(x * ss))]) for x in range(steps)] + [0.0])
+
+
+def ddim_scheduler(s, steps):  # comfy/samplers.py (sigmas[1] is not ~0 here, so the final 0 is appended)
+    sigs, x, ss = [0.0], 1, max(len(s.sigmas) // steps, 1)
+    while x < len(s.sigmas):
+        sigs.append(float(s.sigmas[x]))
+        x += ss
+    return torch.FloatTensor(sigs[::-1])
+
+
+class KeyframeGroup:  # comfy/hooks.py HookKeyframeGroup (keyframes sorted by start_percent, guarantee_steps=1)
+    def __init__(self, frames, model_sampling):
+        self.keyframes = [
+            {"strength": s, "start_percent": p, "guarantee_steps": 1}
+            for p, s in sorted(
+                frames, key=lambda f: f[0]
+            )  # get_sorted_list_via_attr: stable in start_percent
+        ]
+        for kf in self.keyframes:  # initialize_timesteps
+            kf["start_t"] = model_sampling.percent_to_sigma(kf["start_percent"])
+        self.current, self.index, self.used, self.curr_t = self.keyframes[0], 0, 0, -1.0
+
+    def effective_guarantee(self, kf, max_sigma):
+        return 0 if kf["start_t"] > max_sigma else kf["guarantee_steps"]
+
+    def prepare_current_keyframe(self, curr_t, sample_sigmas):
+        if curr_t == self.curr_t:
+            return
+        max_sigma = torch.max(sample_sigmas)
+        if self.used >= self.effective_guarantee(self.current, max_sigma):
+            for i in range(self.index + 1, len(self.keyframes)):
+                kf = self.keyframes[i]
+                if kf["start_t"] >= curr_t:  # sigmas: a bigger start_t is an earlier step
+                    self.index, self.current, self.used = i, kf, 0
+                    if self.effective_guarantee(kf, max_sigma) > 0:
+                        break
+                else:
+                    break
+        self.used += 1
+        self.curr_t = curr_t
+
+    @property
+    def strength(self):
+        return self.current["strength"]
+
+
+def hooks_of(graph) -> dict[str, list[tuple[float, float]]]:
+    """lora_name -> its (start_percent, strength) keyframes, read from the graph's node links."""
+    out = {}
+    for node in graph.values():
+        if node["class_type"] != "SetHookKeyframes":
+            continue
+        lora = graph[node["inputs"]["hooks"][0]]["inputs"]["lora_name"]
+        frames, kf = [], node["inputs"]["hook_kf"][0]
+        while kf is not None:
+            inputs = graph[kf]["inputs"]
+            frames.insert(0, (inputs["start_percent"], inputs["strength_mult"]))
+            kf = inputs.get("prev_hook_kf", [None])[0]
+        out[lora] = frames
+    return out
+
+
+def run_keyframes(hooks, model_sampling, sigmas) -> list[list[str]]:
+    """The LoRAs with a non-zero strength at each sampling call (one call per sigma but the last, as Euler)."""
+    groups = {name: KeyframeGroup(frames, model_sampling) for name, frames in hooks.items()}
+    active = []
+    for sigma in sigmas[:-1]:
+        for group in groups.values():
+            group.prepare_current_keyframe(sigma, sigmas)
+        active.append(sorted(name for name, group in groups.items() if group.strength != 0.0))
+    return active
+
+
+def ksampler(graph) -> dict:
+    return next(n for n in graph.values() if n["class_type"] == "KSampler")["inputs"]
+
+
+# ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fostered():
     return with_experts(tiny_unet(), scales=(4, 1), targets=["to_q", "to_k", "to_v", "to_out.0", "proj_in"])
@@ -72,34 +208,88 @@ def test_clip_and_flow_names():
     assert "text_encoder_3" in error_of(comfyui.to_comfyui, t5, "sd3")
 
 
-@pytest.mark.parametrize(
-    "sampling",
-    [{"kind": "discrete"}, {"kind": "flow", "shift": 3.0}, comfyui.sampling_of("flux", {}, 1024, 768)],
-)
-def test_percents_reproduce_the_boundaries(sampling):
-    for boundary in (125.0, 250.0, 500.0, 875.0, 333.5):
-        p = comfyui.boundary_percent(boundary, sampling)
+SAMPLINGS = {
+    "discrete": ({"kind": "discrete"}, Discrete, ddim_scheduler),
+    "flow": ({"kind": "flow", "shift": 3.0}, lambda: Flow(3.0), simple_scheduler),
+    "flux": (comfyui.sampling_of("flux", {}, 1024, 768), None, simple_scheduler),
+}
+
+
+def comfy_side(kind: str):
+    sampling, make, scheduler = SAMPLINGS[kind]
+    return sampling, (make() if make else Flux(sampling["mu"])), scheduler
+
+
+@pytest.mark.parametrize("kind", list(SAMPLINGS))
+def test_schedule_and_percents_are_comfyuis(kind):
+    sampling, model_sampling, scheduler = comfy_side(kind)
+    torch.testing.assert_close(
+        comfyui.sigma_table(sampling), model_sampling.sigmas.float(), rtol=1e-6, atol=0
+    )
+    for steps in (2, 7, 50):
+        ours = comfyui.comfy_sigmas(sampling, comfyui.SAMPLERS[kind][1], steps)
+        assert ours == pytest.approx(scheduler(model_sampling, steps).tolist(), rel=1e-6)
+        expected_t = [model_sampling.tsm_t(s) for s in scheduler(model_sampling, steps)[:-1]]
+        assert comfyui.step_timesteps(sampling, ours) == pytest.approx(expected_t, rel=1e-6)
+    for sigma in (0.05, 0.3, 0.77, 0.95) if kind != "discrete" else (0.05, 0.7, 3.3, 12.0):
+        p = comfyui.sigma_percent(sigma, sampling)
         assert 0.0 < p < 1.0
-        if sampling["kind"] == "discrete":
-            # ComfyUI feeds the nearest table entry: the crossing sits halfway below the first owned integer
-            assert discrete_t(p) == pytest.approx(math.ceil(boundary) - 0.5, abs=1e-9)
-            # every integer t the expert below owns is past the keyframe, every one above is not
-            owned_above = range(math.ceil(boundary), 1000)
-            assert all(t > discrete_t(p) for t in owned_above)
-            assert all(t < discrete_t(p) for t in range(math.ceil(boundary)))
-        elif sampling["kind"] == "flow":
-            assert flow_sigma(p, 3.0) * 1000 == pytest.approx(boundary, abs=1e-9)
-        else:
-            assert flux_sigma(p, sampling["mu"]) * 1000 == pytest.approx(boundary, abs=1e-9)
-    # the flux shift is the diffusers pipelines' mu for 1024 x 768 (4096 tokens / 16 ... here 3072)
-    if sampling["kind"] == "flux":
+        assert model_sampling.percent_to_sigma(p) == pytest.approx(sigma, rel=1e-5)
+    if kind == "flux":  # the diffusers pipelines' mu for 1024 x 768: 3072 image tokens
         m = (1.15 - 0.5) / (4096 - 256)
         assert sampling["mu"] == pytest.approx(3072 * m + 0.5 - 256 * m)
 
 
+@pytest.mark.parametrize("kind", list(SAMPLINGS))
+@pytest.mark.parametrize("scale", [4, 8, [875.0]])
+@pytest.mark.parametrize("steps", [2, 4, 7, 10, 50])
+def test_every_call_runs_exactly_tsms_expert(kind, scale, steps):
+    """ComfyUI's keyframe rule walked over the workflow: one LoRA per call, the interval tsm routes the call's
+    timestep to; intervals no call falls in have no hook at all."""
+    sampling, model_sampling, scheduler = comfy_side(kind)
+    n = tsm.intervals.num_intervals(scale)
+    names = [f"tsm_s0_i{i}.safetensors" for i in range(n)]
+    graph = comfyui.workflow(names, scale, sampling, steps=steps)
+    comfyui.check_graph(graph)
+    assert ksampler(graph)["steps"] == steps and ksampler(graph)["scheduler"] == comfyui.SAMPLERS[kind][1]
+    sigmas = scheduler(model_sampling, steps)  # ComfyUI's schedule for the node's steps and scheduler
+    t = torch.tensor([model_sampling.tsm_t(s) for s in sigmas[:-1]])
+    expected = [[names[i]] for i in tsm.expert_index(t, scale, 1000).tolist()]
+    hooks = hooks_of(graph)
+    assert run_keyframes(hooks, model_sampling, sigmas) == expected
+    assert set(hooks) == {e[0] for e in expected}  # a LoRA for every interval a call falls in, no other
+
+
+def test_boundary_keyframes_would_run_two_experts():
+    """The walk can fail: keyframes at the interval boundaries themselves (on below hi, off below lo), with 2
+    DDIM calls (t = 501, 1) over 4 intervals, run experts 0 and 1 together in the last call -- ComfyUI
+    guarantees every keyframe a call, so interval 1's 'on' keyframe takes the call before its 'off' can."""
+    model_sampling = Discrete()
+    sigmas = ddim_scheduler(model_sampling, 2)
+
+    def percent(t):  # the percent whose sigma sits halfway between table entries ceil(t) - 1 and ceil(t)
+        return 1.0 - (math.ceil(t) - 0.5) / 999.0
+
+    hooks = {}
+    for i in range(4):
+        lo, hi = 250 * i, 250 * (i + 1)
+        frames = [(0.0, 1.0)] if hi == 1000 else [(0.0, 0.0), (percent(hi), 1.0)]
+        hooks[f"i{i}"] = frames + ([(percent(lo), 0.0)] if lo > 0 else [])
+    assert run_keyframes(hooks, model_sampling, sigmas) == [["i2"], ["i0", "i1"]]
+
+
 def test_workflow_graph_is_well_formed(fostered, tmp_path):
     paths = comfyui.export_run(
-        fostered, "sd15", {}, tmp_path, prefix="unet", ckpt_name="sd15.safetensors", prompt="a cat", steps=40
+        fostered,
+        "sd15",
+        {},
+        tmp_path,
+        prefix="unet",
+        width=640,
+        height=384,
+        ckpt_name="sd15.safetensors",
+        prompt="a cat",
+        steps=40,
     )
     graph = json.loads(paths[-1].read_text())
     comfyui.check_graph(graph)
@@ -112,21 +302,24 @@ def test_workflow_graph_is_well_formed(fostered, tmp_path):
     kinds = [n["class_type"] for n in graph.values()]
     assert kinds.count("CreateHookLora") == 4 and kinds.count("CombineHooks2") == 3
     assert kinds.count("SetHookKeyframes") == 4 and kinds.count("PairConditioningSetProperties") == 1
-    ksampler = next(n for n in graph.values() if n["class_type"] == "KSampler")["inputs"]
     pair = next(k for k, n in graph.items() if n["class_type"] == "PairConditioningSetProperties")
-    assert ksampler["positive"] == [pair, 0] and ksampler["negative"] == [pair, 1] and ksampler["steps"] == 40
+    k = ksampler(graph)
+    assert k["positive"] == [pair, 0] and k["negative"] == [pair, 1] and k["steps"] == 40
+    latent = graph[k["latent_image"][0]]["inputs"]
+    assert (latent["width"], latent["height"]) == (640, 384)
     texts = [n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
     assert texts == ["a cat", ""]
-    # interval 1 = [250, 500): off, on below t 500, off below t 250
-    lora = next(k for k, n in graph.items() if n["inputs"].get("lora_name") == "tsm_s0_i1.safetensors")
-    setter = next(n for n in graph.values() if n["inputs"].get("hooks") == [lora, 0])
-    frames, kf = [], setter["inputs"]["hook_kf"][0]
-    while kf is not None:
-        node = graph[kf]["inputs"]
-        frames.insert(0, (node["start_percent"], node["strength_mult"]))
-        kf = node.get("prev_hook_kf", [None])[0]
-    expected = [(0.0, 0.0), (1 - 499.5 / 999, 1.0), (1 - 249.5 / 999, 0.0)]
-    assert [f for pair in frames for f in pair] == pytest.approx([f for pair in expected for f in pair])
+    ckpt = next(n for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple")["inputs"]
+    assert ckpt["ckpt_name"] == "sd15.safetensors"
+    # interval 1 = [250, 500) holds the DDIM calls t = 476 .. 251 (stride 25): switched on between the calls at
+    # t = 501 and 476, off between t = 251 and 226
+    model_sampling = Discrete()
+    frames = hooks_of(graph)["tsm_s0_i1.safetensors"]
+    assert [s for _, s in frames] == [0.0, 1.0, 0.0]
+    on, off = (model_sampling.percent_to_sigma(p) for p, _ in frames[1:])
+    sigma = model_sampling.sigma
+    assert sigma(torch.tensor(476.0)) < on < sigma(torch.tensor(501.0))
+    assert sigma(torch.tensor(226.0)) < off < sigma(torch.tensor(251.0))
     with pytest.raises(ValueError, match="links to output"):
         comfyui.check_graph(
             {**graph, "99": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 5], "vae": ["1", 2]}}}

@@ -6,7 +6,7 @@ import copy
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_io import denoise, inputs, tiny_pipeline, tiny_unet, with_experts
+from test_io import denoise, error_of, inputs, tiny_pipeline, tiny_unet, with_experts
 
 import tsm
 from tsm import comfyui
@@ -111,3 +111,16 @@ def test_switch_callback_samples_as_tsm(tmp_path):
     print(f"max |switched - tsm| = {diff:.2e}, |fixed - tsm| = {abs(fixed - ours).max():.2e}")
     assert diff < 1e-4
     assert abs(fixed - ours).max() > 1e-3
+
+
+def test_one_file_of_several_parts_needs_the_same_intervals(tmp_path):
+    a = with_experts(tiny_unet(), scales=(4, 1))
+    b = with_experts(tiny_unet(seed=1), scales=(2, 1))
+    assert "cut the timesteps otherwise" in error_of(tsm.export_lora, {"unet": a, "other": b}, tmp_path / "x")
+    assert "vae has no experts" in error_of(tsm.export_lora, {"unet": a, "vae": tiny_unet()}, tmp_path / "x")
+    assert "names one model" in error_of(tsm.export_lora, {"unet": a}, tmp_path / "x", prefix="unet")
+    both = load_file(
+        tsm.export_lora({"unet": a, "text_encoder": with_experts(tiny_unet(seed=2))}, tmp_path / "y")
+    )
+    assert {k.split(".")[0] for k in both} == {"unet", "text_encoder"}
+    assert not (tmp_path / "x").exists()

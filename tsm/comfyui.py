@@ -15,17 +15,18 @@ Which format ComfyUI gets, per family -- checked against ComfyUI's key map (``co
     CLIP text kohya (``lora_te_`` for one text encoder, ``lora_te1_`` / ``lora_te2_`` for two), the
     encoders names ``model_lora_keys_clip`` maps for clip_l / clip_g (q/k/v/out_proj, fc1, fc2)
 
-The workflow (`workflow`) is ComfyUI's API JSON: one ``CreateHookLoRA`` per finest-scale interval, scheduled by
-``CreateHookKeyframe`` / ``SetHookKeyframes``, combined with ``CombineHooks2`` and attached to both the
-positive and negative conditioning by ``PairConditioningSetProperties``. A keyframe's ``start_percent`` is
-computed with ComfyUI's own percent -> sigma convention (``comfy/model_sampling.py`` ``percent_to_sigma``).
+The workflow (`workflow`) is ComfyUI's API JSON: one ``CreateHookLora`` per finest-scale interval that a sampling
+call falls in, scheduled by ``CreateHookKeyframe`` / ``SetHookKeyframes``, combined with ``CombineHooks2`` and
+attached to both the positive and negative conditioning by ``PairConditioningSetProperties``. The keyframes are
+placed from the schedule KSampler will run (``calculate_sigmas`` in comfy/samplers.py, ComfyUI's sigma tables in
+comfy/model_sampling.py): each call's timestep picks its interval, and a LoRA switches only between two calls, so
+ComfyUI's keyframe rule (comfy/hooks.py, each keyframe held at least one call) never runs two experts in one call.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 from tsm import io
 from tsm.errors import TsmError
 from tsm.inject import get_routing
-from tsm.intervals import interval_bounds
+from tsm.intervals import Scale, expert_index, interval_bounds
 
 PathLike = io.PathLike
 FORMATS = ("diffusers", "kohya", "comfyui")
@@ -51,6 +52,7 @@ COMFYUI_TEXT = {
     "flux": ("text_encoder",),
 }
 KOHYA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_TEXT_FAMILIES = ("sd15", "sdxl")  # the families whose text encoders kohya / A1111 names (lora_te_...)
 # transformers >= 5 dropped CLIPTextModel's ``text_model.`` level; kohya (and ComfyUI's map) keep it
 CLIP_TOP = ("encoder.", "embeddings.", "final_layer_norm.")
 
@@ -129,23 +131,55 @@ def to_comfyui(
     return out
 
 
-def convert_file(src: PathLike, dst: PathLike, fmt: str, family: str = "", text_encoders: int = 1) -> Path:
-    """Rewrite a diffusers-format LoRA file written by tsm as ``fmt`` (diffusers, kohya or comfyui)."""
+def text_parts(fmt: str, family: str) -> tuple[str, ...]:
+    """The text-encoder components whose experts ``fmt`` can name for ``family`` (the others are left out)."""
+    if fmt == "kohya":  # A1111 / Forge / kohya read lora_te_ (SD1.x) and lora_te1_ / lora_te2_ (SDXL) CLIPs
+        return ("text_encoder", "text_encoder_2") if family in KOHYA_TEXT_FAMILIES else ()
+    if fmt == "comfyui":
+        return COMFYUI_TEXT.get(family, ())
+    return ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def convert(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    fmt: str,
+    family: str = "",
+    text_encoders: int = 1,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A diffusers-format LoRA (tensors, metadata) as tsm writes it, renamed for ``fmt``."""
     if fmt not in FORMATS:
         raise TsmError(f"unknown LoRA format {fmt!r}; choose from {', '.join(FORMATS)}")
-    metadata, tensors = io._open(src, read_tensors=True)
     if fmt == "diffusers":
-        out, meta = tensors, metadata
-    elif fmt == "kohya":
-        out, meta = to_kohya(tensors, text_encoders), kohya_metadata(tensors, metadata)
-    else:
-        out = to_comfyui(tensors, family, text_encoders)
-        meta = kohya_metadata(tensors, metadata) if any(k.startswith("lora_") for k in out) else metadata
-    return io._atomic_save(out, dst, meta)
+        return dict(tensors), dict(metadata)
+    if fmt == "kohya":
+        return to_kohya(tensors, text_encoders), kohya_metadata(tensors, metadata)
+    out = to_comfyui(tensors, family, text_encoders)
+    kohya_names = any(k.startswith("lora_") for k in out)
+    return out, kohya_metadata(tensors, metadata) if kohya_names else dict(metadata)
+
+
+def save_as(
+    state: tuple[Mapping[str, torch.Tensor], Mapping[str, str]],
+    path: PathLike,
+    fmt: str,
+    family: str = "",
+    text_encoders: int = 1,
+) -> Path:
+    """Write ``state`` (`tsm.io.lora_state` / `step_lora_state`) as a ``fmt`` LoRA file; nothing is written
+    when the renaming fails."""
+    tensors, metadata = convert(*state, fmt, family, text_encoders)
+    return io._atomic_save(tensors, path, metadata)
+
+
+def convert_file(src: PathLike, dst: PathLike, fmt: str, family: str = "", text_encoders: int = 1) -> Path:
+    """Rewrite a diffusers-format LoRA file written by tsm as ``fmt`` (diffusers, kohya or comfyui)."""
+    metadata, tensors = io._open(src, read_tensors=True)
+    return save_as((tensors, metadata), dst, fmt, family, text_encoders)
 
 
 # ----------------------------------------------------------------------------------------------------
-# ComfyUI's percent -> sigma, and the percent of a timestep boundary
+# ComfyUI's sampling schedule: sigma tables, schedulers, the model's timestep, percent <-> sigma
 # ----------------------------------------------------------------------------------------------------
 def sampling_of(family: str, scheduler_config: Mapping, width: int, height: int) -> dict[str, float | str]:
     """How ComfyUI samples the family: ``discrete`` (eps / v), ``flow`` (SD3: shift) or ``flux`` (mu)."""
@@ -165,27 +199,105 @@ def sampling_of(family: str, scheduler_config: Mapping, width: int, height: int)
     raise TsmError(f"no ComfyUI workflow for the {family} family; it covers {', '.join(COMFYUI_DENOISER)}")
 
 
-def boundary_percent(t: float, sampling: Mapping, num_timesteps: int = 1000) -> float:
-    """ComfyUI's ``start_percent`` at which sampling passes below timestep boundary ``t`` (tsm's t in [0, T]).
+def sigma_table(sampling: Mapping) -> torch.Tensor:
+    """The model_sampling ``sigmas`` buffer ComfyUI samples from (comfy/model_sampling.py), ascending, float32
+    as ComfyUI keeps it.
 
-    discrete: ComfyUI feeds the model the nearest integer t of its sigma table, so the experts' integer
-    boundary b = ceil(t) is crossed halfway between table entries b and b - 1: (1 - p) * 999 = b - 0.5 (sigma is
-    log-linear between entries). flow: t = sigma * T and ``percent_to_sigma(p) = shift(1 - p)``, solved for p.
+    discrete: ModelSamplingDiscrete's SD1.x/SDXL table, sigma_t = sqrt((1 - abar_t) / abar_t) of the "linear"
+    betas (sqrt-spaced 0.00085 .. 0.012, diffusers' scaled_linear) -- what ComfyUI uses for these checkpoints,
+    whatever the diffusers folder's scheduler says; flow: time_snr_shift(shift, i / 1000), i = 1..1000;
+    flux: flux_time_shift(mu, 1, i / 10000), i = 1..10000.
     """
     kind = sampling["kind"]
     if kind == "discrete":
-        return min(max(1.0 - (math.ceil(t) - 0.5) / 999.0, 0.0), 1.0)
-    sigma = t / num_timesteps
-    if sigma >= 1.0:
-        return 0.0
-    if sigma <= 0.0:
-        return 1.0
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        abar = torch.cumprod(1.0 - betas, 0)
+        return (((1.0 - abar) / abar) ** 0.5).float()  # (1000,)
+    if kind == "flow":
+        u, s = torch.arange(1, 1001) / 1000 * 1000 / 1000, sampling["shift"]  # ComfyUI's float32 steps
+        return s * u / (1 + (s - 1) * u)  # (1000,)
+    u, e = torch.arange(1, 10001) / 10000, math.exp(sampling["mu"])
+    return e / (e + (1 / u - 1))  # (10000,)
+
+
+def _model_timestep(sampling: Mapping, table: torch.Tensor, sigma: float) -> float:
+    """model_sampling.timestep(sigma): the nearest table index in log sigma (discrete), else sigma * 1000
+    (flow) or sigma (flux), in float32 as ComfyUI computes it."""
+    s = torch.tensor(sigma, dtype=torch.float32)
+    if sampling["kind"] == "discrete":
+        return float((s.log() - table.double().log().float()).abs().argmin())
+    return float(s * 1000) if sampling["kind"] == "flow" else float(s)
+
+
+def comfy_sigmas(sampling: Mapping, scheduler: str, steps: int) -> list[float]:
+    """The sigmas KSampler samples on (``calculate_sigmas`` in comfy/samplers.py) with the schedulers the
+    workflow sets: ``steps`` model calls and the final 0. ddim_uniform may give more calls than ``steps``
+    (ComfyUI keeps every stride of 1000 // steps: 7 steps are 8 calls).
+    """
+    table = sigma_table(sampling)
+    n = len(table)
+    if scheduler == "simple":
+        stride = n / steps
+        sigmas = [float(table[-(1 + int(x * stride))]) for x in range(steps)]
+    elif scheduler == "ddim_uniform":
+        stride = max(n // steps, 1)
+        sigmas = [float(table[x]) for x in range(1, n, stride)][::-1]  # table[1] is not ~0 for these models
+    else:
+        raise TsmError(f"tsm computes ComfyUI's simple and ddim_uniform schedules, not {scheduler!r}")
+    return [*sigmas, 0.0]
+
+
+def step_timesteps(sampling: Mapping, sigmas: Sequence[float], num_timesteps: int = 1000) -> list[float]:
+    """tsm's timestep t in [0, T] of each model call (every sigma but the final 0), which routes the experts:
+    the table index ComfyUI feeds a discrete model, sigma * T for flow models."""
+    table = sigma_table(sampling)
+    scale = num_timesteps / (1000 if sampling["kind"] in ("discrete", "flow") else 1)
+    return [_model_timestep(sampling, table, s) * scale for s in sigmas[:-1]]
+
+
+def sigma_percent(sigma: float, sampling: Mapping) -> float:
+    """The ``start_percent`` whose ``percent_to_sigma`` is ``sigma``: the inverse of comfy/model_sampling.py's
+    sigma((1 - p) * 999) (discrete, log-linear in the table), time_snr_shift(shift, 1 - p) (flow) or
+    flux_time_shift(mu, 1, 1 - p) (flux)."""
+    kind = sampling["kind"]
+    if kind == "discrete":
+        logs = sigma_table(sampling).double().log()  # (1000,) ascending
+        k = int(torch.searchsorted(logs, torch.tensor([math.log(sigma)], dtype=torch.float64))[0]) - 1
+        k = min(max(k, 0), len(logs) - 2)
+        t = k + (math.log(sigma) - float(logs[k])) / float(logs[k + 1] - logs[k])
+        return 1.0 - t / 999.0
     if kind == "flow":  # time_snr_shift(s, u) = s u / (1 + (s - 1) u) = sigma
         s = sampling["shift"]
-        u = sigma / (s - (s - 1.0) * sigma)
-    else:  # flux_time_shift(mu, 1, u) = e^mu / (e^mu + 1/u - 1) = sigma
-        u = 1.0 / (1.0 + math.exp(sampling["mu"]) * (1.0 / sigma - 1.0))
-    return 1.0 - u
+        return 1.0 - sigma / (s - (s - 1.0) * sigma)
+    return 1.0 - 1.0 / (1.0 + math.exp(sampling["mu"]) * (1.0 / sigma - 1.0))  # flux_time_shift = sigma
+
+
+def step_keyframes(
+    owners: Sequence[int], sigmas: Sequence[float], sampling: Mapping
+) -> dict[int, list[tuple[float, float]]]:
+    """(start_percent, strength) keyframes of each LoRA that owns a step, ``owners[k]`` the LoRA of call k.
+
+    A LoRA is switched on and off only between two calls, at a sigma halfway between theirs (in log sigma for
+    discrete models): ComfyUI's keyframe rule (comfy/hooks.py ``prepare_current_keyframe``) activates a keyframe
+    at the first call whose sigma is <= its start sigma and holds each keyframe for at least one call
+    (guarantee_steps = 1), so a keyframe between calls k and k + 1 acts exactly at call k + 1. A LoRA that owns
+    no call gets no keyframe (and no hook): otherwise the guaranteed call would run it next to the right one.
+    The first keyframe (percent 0) rules call 0.
+    """
+    between = []  # the start_percent between call k and call k + 1
+    for a, b in zip(sigmas[:-2], sigmas[1:-1], strict=True):
+        mid = math.sqrt(a * b) if sampling["kind"] == "discrete" else (a + b) / 2
+        between.append(sigma_percent(mid, sampling))
+    frames: dict[int, list[tuple[float, float]]] = {}
+    for lora in dict.fromkeys(owners):
+        calls = [k for k, o in enumerate(owners) if o == lora]
+        first, last = calls[0], calls[-1]
+        if calls != list(range(first, last + 1)):
+            raise TsmError(f"LoRA {lora} owns calls {calls}, which are not consecutive; sigmas must decrease")
+        frames[lora] = [(0.0, 1.0)] if first == 0 else [(0.0, 0.0), (between[first - 1], 1.0)]
+        if last < len(owners) - 1:
+            frames[lora].append((between[last], 0.0))
+    return frames
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,18 +353,13 @@ class _Graph:
         return node_id
 
 
-def keyframes(lo: float, hi: float, sampling: Mapping, num_timesteps: int) -> list[tuple[float, float]]:
-    """(start_percent, strength) of the expert owning [lo, hi): on from below hi, off from below lo."""
-    on = boundary_percent(hi, sampling, num_timesteps) if hi < num_timesteps else 0.0
-    frames = [] if on == 0.0 else [(0.0, 0.0)]
-    frames.append((on, 1.0))
-    if lo > 0:
-        frames.append((boundary_percent(lo, sampling, num_timesteps), 0.0))
-    return frames
+# the sampler and scheduler each kind of model gets: DDIM on its uniform timesteps for DDPM models, Euler for flow
+SAMPLERS = {"discrete": ("ddim", "ddim_uniform"), "flow": ("euler", "simple"), "flux": ("euler", "simple")}
 
 
 def workflow(
-    loras: Sequence[tuple[str, float, float]],
+    loras: Sequence[str],
+    scale: Scale,
     sampling: Mapping,
     num_timesteps: int = 1000,
     ckpt_name: str = "model.safetensors",
@@ -265,14 +372,24 @@ def workflow(
     seed: int = 0,
     guidance: float = 3.5,
 ) -> dict[str, dict]:
-    """The API-JSON graph: (lora file name, lo, hi) per interval, each a hook LoRA on [lo, hi) of t.
+    """The API-JSON graph switching ``loras`` (the file of each interval of ``scale``, lowest t first) by step.
 
-    Flux: cfg is KSampler's (1.0 = off, as FluxPipeline) and ``guidance`` its embedded guidance (FluxGuidance).
+    The keyframes come from the schedule KSampler will run (its scheduler and ``steps``, `comfy_sigmas`): each
+    call's t picks its interval's LoRA, and `step_keyframes` switches only between calls, so every call runs
+    exactly one LoRA; an interval no call falls in is left out. Another step count or scheduler set inside
+    ComfyUI needs a new export. Flux: cfg is KSampler's (1.0 = off, as FluxPipeline) and ``guidance`` its
+    embedded guidance (FluxGuidance).
     """
+    kind = sampling["kind"]
+    sampler_name, scheduler = SAMPLERS[kind]
+    sigmas = comfy_sigmas(sampling, scheduler, steps)
+    t = torch.tensor(step_timesteps(sampling, sigmas, num_timesteps))
+    owners = expert_index(t, scale, num_timesteps).tolist()  # (calls,): tsm's interval of each call
+    frames = step_keyframes(owners, sigmas, sampling)
+
     g = _Graph()
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=ckpt_name)
     model = [ckpt, 0]
-    kind = sampling["kind"]
     if kind == "flow":  # pin the shift the percents were computed with
         model = [g.add("ModelSamplingSD3", model=model, shift=sampling["shift"]), 0]
     elif kind == "flux":
@@ -290,10 +407,10 @@ def workflow(
     pos = g.add("CLIPTextEncode", text=prompt, clip=[ckpt, 1])
     neg = g.add("CLIPTextEncode", text=negative_prompt, clip=[ckpt, 1])
     hooks = None
-    for name, lo, hi in loras:
-        lora = g.add("CreateHookLora", lora_name=name, strength_model=1.0, strength_clip=0.0)
+    for index in sorted(frames):
+        lora = g.add("CreateHookLora", lora_name=loras[index], strength_model=1.0, strength_clip=0.0)
         kf = None
-        for start, strength in keyframes(lo, hi, sampling, num_timesteps):
+        for start, strength in frames[index]:
             extra = {} if kf is None else {"prev_hook_kf": [kf, 0]}
             kf = g.add("CreateHookKeyframe", strength_mult=strength, start_percent=start, **extra)
         scheduled = g.add("SetHookKeyframes", hooks=[lora, 0], hook_kf=[kf, 0])
@@ -314,15 +431,14 @@ def workflow(
         positive = [g.add("FluxGuidance", conditioning=positive, guidance=guidance), 0]
     empty = "EmptyLatentImage" if kind == "discrete" else "EmptySD3LatentImage"
     latent = g.add(empty, width=width, height=height, batch_size=1)
-    sampler = ("ddim", "ddim_uniform") if kind == "discrete" else ("euler", "simple")
     samples = g.add(
         "KSampler",
         model=model,
         seed=seed,
         steps=steps,
         cfg=cfg,
-        sampler_name=sampler[0],
-        scheduler=sampler[1],
+        sampler_name=sampler_name,
+        scheduler=scheduler,
         positive=positive,
         negative=[pair, 1],
         latent_image=[latent, 0],
@@ -351,10 +467,10 @@ def check_graph(graph: Mapping[str, Mapping]) -> None:
 
 
 def write_workflow(
-    directory: PathLike, loras: Sequence[tuple[str, float, float]], sampling: Mapping, **kw: object
+    directory: PathLike, loras: Sequence[str], scale: Scale, sampling: Mapping, **kw: object
 ) -> Path:
-    """Write ``directory/workflow_api.json`` (the LoRA files go to ComfyUI's models/loras/)."""
-    graph = workflow(loras, sampling, **kw)
+    """Write ``directory/workflow_api.json`` (`workflow`'s graph, checked by `check_graph`)."""
+    graph = workflow(loras, scale, sampling, **kw)
     check_graph(graph)
     path = Path(directory) / "workflow_api.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -372,11 +488,13 @@ def export_run(
     height: int = 512,
     **kw: object,
 ) -> list[Path]:
-    """One ComfyUI LoRA per finest-scale interval of ``denoiser`` and the workflow switching them; the paths.
+    """One ComfyUI LoRA per finest-scale interval of ``denoiser`` and the workflow switching them; the paths
+    (the LoRA files, for ComfyUI's models/loras/, then ``workflow_api.json``).
 
     Fostered (or one-scale) experts: interval i's file is its core expert, exactly. Assembled with a timestep-only
     router: the stacked step LoRA (`tsm.io.export_step_lora`) at the interval's middle t, exact only where
     E[t] is constant within the interval. A router that reads the layer's input is not a LoRA: refused.
+    ``kw`` goes to `workflow` (ckpt_name, prompt, negative_prompt, steps, cfg, seed, guidance).
     """
     routing = get_routing(denoiser)
     spec = routing.spec
@@ -393,21 +511,14 @@ def export_run(
         )
     sampling = sampling_of(family, scheduler_config, width, height)
     directory = Path(directory)
-    paths, loras = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(spec.experts_per_scale[0]):
-            lo, hi = interval_bounds(i, spec.scales[0], spec.num_timesteps)
-            src = Path(tmp) / f"{i}.safetensors"
-            if assembled:
-                io.export_step_lora(denoiser, (lo + hi) / 2, src, prefix=prefix)
-            else:
-                io.export_lora(denoiser, src, scale=0, index=i, prefix=prefix)
-            name = f"tsm_s0_i{i}.safetensors"
-            paths.append(convert_file(src, directory / name, "comfyui", family))
-            loras.append((name, lo, hi))
-    paths.append(
-        write_workflow(
-            directory, loras, sampling, num_timesteps=spec.num_timesteps, width=width, height=height, **kw
-        )
-    )
-    return paths
+    paths = []
+    for i in range(spec.experts_per_scale[0]):
+        lo, hi = interval_bounds(i, spec.scales[0], spec.num_timesteps)
+        if assembled:
+            state = io.step_lora_state(denoiser, (lo + hi) / 2, prefix=prefix)
+        else:
+            state = io.lora_state(denoiser, scale=0, index=i, prefix=prefix)
+        paths.append(save_as(state, directory / f"tsm_s0_i{i}.safetensors", "comfyui", family))
+    names = [p.name for p in paths]
+    kw = {"num_timesteps": spec.num_timesteps, "width": width, "height": height, **kw}
+    return [*paths, write_workflow(directory, names, spec.scales[0], sampling, **kw)]

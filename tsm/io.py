@@ -5,8 +5,9 @@
 file's metadata, so a checkpoint says what model it fits. Files are safetensors only: nothing is unpickled.
 
 ``export_lora`` writes one expert as the LoRA file diffusers' ``save_lora_weights`` would write
-(``unet.{module}.lora_A.weight`` / ``lora_B.weight``), so ``pipe.load_lora_weights(path)`` gives the same
-model at that expert's timesteps; ``import_lora`` goes the other way, to start experts from an existing LoRA.
+(``unet.{module}.lora_A.weight`` / ``lora_B.weight``; given {component: model}, every part's expert of the same
+interval in one file), so ``pipe.load_lora_weights(path)`` gives the same model at that expert's timesteps;
+``import_lora`` goes the other way, to start experts from an existing LoRA.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tsm.errors import TsmError
-from tsm.inject import expert_layers, get_routing
+from tsm.inject import ATTR, expert_layers, get_routing
 from tsm.intervals import check_timesteps, expert_index, interval_bounds
 from tsm.routing import hat_weights
 from tsm.spec import ExpertSpec
@@ -42,6 +43,7 @@ LORA_SUFFIXES = {
 SPEC_FIELDS_IGNORED = ("dropout",)  # changes training noise only, not what the weights compute
 
 PathLike = str | os.PathLike
+Models = nn.Module | Mapping[str, nn.Module]  # one model, or {pipeline component: model} for one file
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,32 +310,80 @@ def _check_exportable(name: str, layer: nn.Module) -> None:
         )
 
 
-def export_lora(
-    model: nn.Module, path: PathLike, scale: int = 0, index: int = 0, prefix: str | None = None
-) -> Path:
-    """Write expert (``scale``, ``index``) as a diffusers/PEFT LoRA file: ``{prefix}.{module}.lora_A.weight``.
+def _components(models: Models, prefix: str | None) -> list[tuple[str, nn.Module]]:
+    """(key prefix, model) of each part to export: one model (its `default_prefix` unless ``prefix`` says),
+    or a mapping {component: model} for several parts of one pipeline in one file."""
+    if not isinstance(models, Mapping):
+        return [(default_prefix(models) if prefix is None else prefix, models)]
+    if prefix is not None:
+        raise TsmError("prefix= names one model's component; a mapping names each part by its key")
+    if not models:
+        raise TsmError("nothing to export: the mapping of models is empty")
+    bare = [name for name, model in models.items() if getattr(model, ATTR, None) is None]
+    if bare:
+        raise TsmError(f"{', '.join(bare)} has no experts; leave it out of the mapping")
+    return list(models.items())
 
-    alpha / rank is baked into lora_B and no alpha is written, because diffusers loads a LoRA without alpha
-    metadata with lora_alpha = r, i.e. scale 1.0. ``prefix`` defaults to `default_prefix`; "" writes none,
-    for ``unet.load_lora_adapter(path, prefix=None)`` or PEFT (``pipe.load_lora_weights`` would only warn and
-    load nothing).
-    """
-    spec = get_routing(model).spec
+
+def _shared_spec(parts: list[tuple[str, nn.Module]]) -> ExpertSpec:
+    """The first part's spec; every part must cut [0, T] into the same intervals, so that expert (s, i) of
+    each part is the one the sampler runs on the same timesteps."""
+    (name, first), *rest = parts
+    spec = get_routing(first).spec
+    for other, model in rest:
+        o = get_routing(model).spec
+        if (o.scales, o.num_timesteps, o.routing) != (spec.scales, spec.num_timesteps, spec.routing):
+            raise TsmError(
+                f"{other}'s experts cut the timesteps otherwise than {name}'s (scales {list(o.scales)} != "
+                f"{list(spec.scales)}); export each part on its own"
+            )
+    return spec
+
+
+def _head(prefix: str) -> str:
+    return f"{prefix}." if prefix else ""
+
+
+def lora_state(
+    models: Models, scale: int = 0, index: int = 0, prefix: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the file `export_lora` writes, without writing it."""
+    parts = _components(models, prefix)
+    spec = _shared_spec(parts)
     if scale is None or index is None:
         raise TsmError("export_lora writes one expert: pass scale=s and index=i (export_all_lora writes all)")
     (key,) = _expert_keys(spec, scale, index)
-    prefix = default_prefix(model) if prefix is None else prefix
-    head = f"{prefix}." if prefix else ""
     tensors = {}
-    for name, layer in expert_layers(model):
-        _check_exportable(name, layer)
-        a, b = _stacked(layer, [(key, 1.0)])
-        tensors[f"{head}{name}.lora_A.weight"] = a  # (r0 + r, in[, *k]); r0 = 0 without a shared expert
-        tensors[f"{head}{name}.lora_B.weight"] = b  # (out, r0 + r[, 1..])
+    for head, model in parts:
+        for name, layer in expert_layers(model):
+            _check_exportable(name, layer)
+            a, b = _stacked(layer, [(key, 1.0)])
+            # A: (r0 + r, in[, *k]), B: (out, r0 + r[, 1..]); r0 = 0 without a shared expert
+            tensors[f"{_head(head)}{name}.lora_A.weight"] = a
+            tensors[f"{_head(head)}{name}.lora_B.weight"] = b
     lo, hi = interval_bounds(index, spec.scales[scale], spec.num_timesteps)
     expert = {"scale": scale, "index": index, "interval": [lo, hi]}
     # "format": "pt" is what diffusers' own save_lora_weights writes
     metadata = {"format": "pt", "tsm_spec": spec.to_json(), "tsm_expert": json.dumps(expert)}
+    if isinstance(models, Mapping):
+        metadata["tsm_components"] = json.dumps([head for head, _ in parts])
+    return tensors, metadata
+
+
+def export_lora(
+    models: Models, path: PathLike, scale: int = 0, index: int = 0, prefix: str | None = None
+) -> Path:
+    """Write expert (``scale``, ``index``) as a diffusers/PEFT LoRA file: ``{prefix}.{module}.lora_A.weight``.
+
+    ``models``: one model, or {component: model} -- e.g. ``c.modules()``, the denoiser and its text encoders --
+    to write every part's expert (s, i) into one file with each part's component name in front, as
+    ``pipe.load_lora_weights`` splits it (the parts must cut the timesteps into the same intervals).
+    alpha / rank is baked into lora_B and no alpha is written, because diffusers loads a LoRA without alpha
+    metadata with lora_alpha = r, i.e. scale 1.0. ``prefix`` (one model only) defaults to `default_prefix`; ""
+    writes none, for ``unet.load_lora_adapter(path, prefix=None)`` or PEFT (``pipe.load_lora_weights`` would
+    only warn and load nothing).
+    """
+    tensors, metadata = lora_state(models, scale, index, prefix)
     return _atomic_save(tensors, path, metadata)
 
 
@@ -358,17 +408,70 @@ def _core_terms(spec: ExpertSpec, t: float) -> list[tuple[str, float]]:
     return [(f"s0_i{lo}", 1.0)] if w == 0.0 else [(f"s0_i{lo}", 1.0 - w), (f"s0_i{hi}", w)]
 
 
-def export_all_lora(model: nn.Module, directory: PathLike, prefix: str | None = None) -> list[Path]:
-    """Export every expert to ``directory/expert_s{scale}_i{index}.safetensors``; returns the paths."""
-    spec = get_routing(model).spec
+def export_all_lora(models: Models, directory: PathLike, prefix: str | None = None) -> list[Path]:
+    """Export every expert to ``directory/expert_s{scale}_i{index}.safetensors``; returns the paths.
+
+    ``models``: one model, or {component: model} (each file then holds expert (s, i) of every part)."""
+    spec = _shared_spec(_components(models, prefix))
     return [
-        export_lora(model, Path(directory) / f"expert_s{s}_i{i}.safetensors", s, i, prefix)
+        export_lora(models, Path(directory) / f"expert_s{s}_i{i}.safetensors", s, i, prefix)
         for s, n in enumerate(spec.experts_per_scale)
         for i in range(n)
     ]
 
 
-def export_step_lora(model: nn.Module, t: float, path: PathLike, prefix: str | None = None) -> Path:
+def _assembled(model: nn.Module) -> bool:
+    routing = get_routing(model)
+    return routing.stage == "assemble" and len(routing.spec.scales) > 1
+
+
+def _context_keys(model: nn.Module, name: str, t: float) -> list[str]:
+    """The context experts a step at t runs in ``model`` (assembled only); raises where the step is no LoRA."""
+    spec = get_routing(model).spec
+    if not _assembled(model):
+        return []
+    if spec.router != "t_only":
+        raise TsmError(
+            f"the {spec.router} router's gates of {name} depend on the layer's input, so an assembled step is "
+            "not a LoRA; export the core experts (--scale 0 --index i) or assemble with experts.router=t_only"
+        )
+    tt = torch.tensor(float(t))
+    return [
+        f"s{s}_i{int(expert_index(tt, sc, spec.num_timesteps))}" for s, sc in enumerate(spec.scales) if s > 0
+    ]
+
+
+def step_lora_state(
+    models: Models, t: float, prefix: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the file `export_step_lora` writes, without writing it."""
+    parts = _components(models, prefix)
+    spec = _shared_spec(parts)
+    check_timesteps(torch.tensor([float(t)]), spec.num_timesteps)
+    if all(not _assembled(m) for _, m in parts) and spec.routing == "hard":
+        index = int(expert_index(torch.tensor(float(t)), spec.scales[0], spec.num_timesteps))
+        return lora_state(models, scale=0, index=index, prefix=prefix)
+    t_index = min(int(float(t)), spec.num_timesteps - 1)
+    core = _core_terms(spec, t)
+    tensors, experts = {}, {}
+    for head, model in parts:
+        context = _context_keys(model, head or type(model).__name__, t)
+        experts[head] = [k for k, _ in core] + context
+        for name, layer in expert_layers(model):
+            _check_exportable(name, layer)
+            gates = (layer.router.table[t_index] + layer.router.offset).detach().tolist() if context else []
+            # the core is always on; context expert j weighted by its gate E[t]_j
+            a, b = _stacked(layer, core + list(zip(context, gates, strict=True)))
+            tensors[f"{_head(head)}{name}.lora_A.weight"] = a  # (r0 + sum of ranks, in[, *k])
+            tensors[f"{_head(head)}{name}.lora_B.weight"] = b  # (out, r0 + sum of ranks[, 1..])
+    step = {"t": float(t), "experts": experts[parts[0][0]]}  # the first part's (the denoiser's)
+    metadata = {"format": "pt", "tsm_spec": spec.to_json(), "tsm_step": json.dumps(step)}
+    if isinstance(models, Mapping):
+        metadata["tsm_components"] = json.dumps([head for head, _ in parts])
+    return tensors, metadata
+
+
+def export_step_lora(models: Models, t: float, path: PathLike, prefix: str | None = None) -> Path:
     """Write the LoRA a sampling step at timestep ``t`` (in [0, T]) uses, as one diffusers/PEFT LoRA file.
 
     Fostered experts: the core expert of t. Assembled with a timestep-only router (``router="t_only"``): the
@@ -377,38 +480,9 @@ def export_step_lora(model: nn.Module, t: float, path: PathLike, prefix: str | N
     non-linear in the input, so it cannot be written as a LoRA: that is refused. Fuse the file into the
     base weights (``pipe.fuse_lora()``) and a step costs what a base-model step costs. Variants: a shared
     expert is stacked in front (rank r0 + r); smooth routing writes both blended experts of t, weighted.
+    ``models``: one model, or {component: model} (the text encoders' LoRA at the same t goes in too).
     """
-    routing = get_routing(model)
-    spec = routing.spec
-    check_timesteps(torch.tensor([float(t)]), spec.num_timesteps)
-    index = int(expert_index(torch.tensor(float(t)), spec.scales[0], spec.num_timesteps))
-    assembled = routing.stage == "assemble" and len(spec.scales) > 1
-    if not assembled and spec.routing == "hard":
-        return export_lora(model, path, scale=0, index=index, prefix=prefix)
-    if assembled and spec.router != "t_only":
-        raise TsmError(
-            f"the {spec.router} router's gates depend on the layer's input, so an assembled step is not a LoRA; "
-            "export the core experts (--scale 0 --index i) or assemble with experts.router=t_only"
-        )
-    t_index = min(int(float(t)), spec.num_timesteps - 1)
-    core = _core_terms(spec, t)
-    context = [
-        f"s{s}_i{int(expert_index(torch.tensor(float(t)), sc, spec.num_timesteps))}"
-        for s, sc in enumerate(spec.scales)
-        if s > 0 and assembled
-    ]
-    prefix = default_prefix(model) if prefix is None else prefix
-    head = f"{prefix}." if prefix else ""
-    tensors = {}
-    for name, layer in expert_layers(model):
-        _check_exportable(name, layer)
-        gates = (layer.router.table[t_index] + layer.router.offset).detach().tolist() if context else []
-        # the core is always on; context expert j weighted by its gate E[t]_j
-        a, b = _stacked(layer, core + list(zip(context, gates, strict=True)))
-        tensors[f"{head}{name}.lora_A.weight"] = a  # (r0 + sum of ranks, in[, *k])
-        tensors[f"{head}{name}.lora_B.weight"] = b  # (out, r0 + sum of ranks[, 1..])
-    step = {"t": float(t), "experts": [k for k, _ in core] + context}
-    metadata = {"format": "pt", "tsm_spec": spec.to_json(), "tsm_step": json.dumps(step)}
+    tensors, metadata = step_lora_state(models, t, prefix)
     return _atomic_save(tensors, path, metadata)
 
 
@@ -561,11 +635,49 @@ def _fit(src: torch.Tensor, ours: torch.Tensor, name: str, what: str) -> torch.T
 # ----------------------------------------------------------------------------------------------------
 # per-step switching in a diffusers pipeline
 # ----------------------------------------------------------------------------------------------------
+def _encoded(
+    pipeline: object, prompt: object, negative_prompt: object, n: int, extra: Mapping[str, object]
+) -> dict[str, torch.Tensor]:
+    """The prompt tensors the pipeline's denoising loop reads, encoded again with the text adapters now set:
+    [negative; positive] under guidance, as each pipeline's ``__call__`` concatenates them before its loop."""
+    inputs = set(getattr(pipeline, "_callback_tensor_inputs", ()))
+    cfg = bool(pipeline.do_classifier_free_guidance)
+    kw = {
+        "device": pipeline._execution_device,
+        "num_images_per_prompt": n,
+        "do_classifier_free_guidance": cfg,
+        "negative_prompt": negative_prompt,
+        "clip_skip": getattr(pipeline, "clip_skip", None),
+        **extra,
+    }
+
+    def both(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        return torch.cat([neg, pos]) if cfg else pos
+
+    if "add_text_embeds" in inputs:  # SDXL: (B, L, 2048) hidden states and (B, 1280) pooled
+        pos, neg, pooled, neg_pooled = pipeline.encode_prompt(prompt, **kw)
+        return {"prompt_embeds": both(pos, neg), "add_text_embeds": both(pooled, neg_pooled)}
+    if "pooled_prompt_embeds" in inputs:  # SD3: CLIP + T5 tokens and both CLIPs' pooled vectors
+        pos, neg, pooled, neg_pooled = pipeline.encode_prompt(prompt, None, None, **kw)
+        return {"prompt_embeds": both(pos, neg), "pooled_prompt_embeds": both(pooled, neg_pooled)}
+    if {"prompt_embeds", "negative_prompt_embeds"} <= inputs:  # SD 1.x / 2.x
+        pos, neg = pipeline.encode_prompt(prompt, **kw)
+        return {"prompt_embeds": both(pos, neg)}
+    raise TsmError(
+        f"{type(pipeline).__name__} does not let a step callback replace its prompt embeddings; per-step text "
+        "experts work with the SD 1.x/2.x, SDXL and SD3 pipelines (export the denoiser alone for the others)"
+    )
+
+
 def expert_switch_callback(
     pipe: object,
     adapters: Iterable[str],
     spec: ExpertSpec,
     num_inference_steps: int | None = None,
+    prompt: str | list[str] | None = None,
+    negative_prompt: str | list[str] | None = None,
+    num_images_per_prompt: int = 1,
+    encode_kwargs: Mapping[str, object] | None = None,
 ) -> object:
     """A ``callback_on_step_end`` that switches the pipeline's LoRA adapter to the expert of each step's t.
 
@@ -573,26 +685,52 @@ def expert_switch_callback(
     ``pipe.load_lora_weights(path, adapter_name=name)``. The callback runs after step i, so it sets the expert
     of step i + 1 (``pipe.scheduler.timesteps[i + 1]``). The first step's expert is set here, before the call:
     that of ``timesteps[0]`` when ``num_inference_steps`` is given (the scheduler is set to that many steps, as
-    the pipeline will set it), else the expert of the highest t, where text-to-image sampling starts.
+    the pipeline will set it), else the expert of the highest t, where text-to-image sampling starts. Make one
+    callback per pipeline call: it follows the adapter it set last.
+
+    Text-encoder experts (files from ``tsm export RUN --all`` hold them next to the denoiser's): the pipeline
+    encodes the prompt once, before its loop, so the callback encodes it again whenever the interval changes
+    and hands the loop the new embeddings (``prompt_embeds``, and SDXL's ``add_text_embeds`` / SD3's
+    ``pooled_prompt_embeds``; a pipeline takes them back from any callback's return). Pass the call's
+    ``prompt``, ``negative_prompt`` and ``num_images_per_prompt`` here too, and in ``encode_kwargs`` any other
+    argument the call gives its ``encode_prompt`` (SD3: ``max_sequence_length``). That is what ``tsm sample``
+    does: each interval's text expert encodes the prompt its denoiser steps see. Measured on tiny pipelines with
+    experts on the denoiser and both CLIP encoders, 6 steps over 4 intervals, max |callback - tsm sample|:
+    SDXL 2e-4/255 (tests/test_export_text.py), SD3 2e-4/255; switching adapters without re-encoding leaves
+    the first interval's text expert on: 4.6/255 (SDXL), 18.5/255 (SD3).
     """
     adapters = list(adapters)
     n = spec.experts_per_scale[0]
     if len(adapters) != n:
         raise TsmError(f"the finest scale has {n} experts; pass {n} adapter names, got {len(adapters)}")
+    listed = pipe.get_list_adapters() if hasattr(pipe, "get_list_adapters") else {}
+    texts = sorted(
+        k for k, names in listed.items() if k.startswith("text_encoder") and set(names) & set(adapters)
+    )
+    if texts and prompt is None:
+        raise TsmError(
+            f"the adapters hold {', '.join(texts)} experts too; pass prompt= (and negative_prompt=, "
+            "num_images_per_prompt= as in the pipeline call) so each interval's text expert encodes it"
+        )
 
     def expert_of(t: object) -> str:
         return adapters[int(expert_index(torch.as_tensor(float(t)), spec.scales[0], spec.num_timesteps))]
 
     if num_inference_steps is not None:
         pipe.scheduler.set_timesteps(num_inference_steps)
-        pipe.set_adapters(expert_of(pipe.scheduler.timesteps[0]))
+        current = [expert_of(pipe.scheduler.timesteps[0])]
     else:
-        pipe.set_adapters(adapters[-1])
+        current = [adapters[-1]]
+    pipe.set_adapters(current[0])  # before the call: the pipeline encodes the prompt with this text expert
 
     def callback(pipeline: object, i: int, t: object, kwargs: dict) -> dict:
         timesteps = pipeline.scheduler.timesteps
-        if i + 1 < len(timesteps):
-            pipeline.set_adapters(expert_of(timesteps[i + 1]))
+        if i + 1 < len(timesteps) and expert_of(timesteps[i + 1]) != current[0]:
+            current[0] = expert_of(timesteps[i + 1])
+            pipeline.set_adapters(current[0])
+            if texts:  # the new interval's text expert encodes the prompt the next steps see
+                new = _encoded(pipeline, prompt, negative_prompt, num_images_per_prompt, encode_kwargs or {})
+                kwargs = {**kwargs, **new}
         return kwargs
 
     return callback
