@@ -1,14 +1,15 @@
-"""Training configuration: dataclasses mirrored by YAML files in ``configs/``.
+"""Training configuration: dataclasses mirrored by the YAML recipes packaged in ``tsm/configs/``.
 
-``load_config("configs/sd15_foster.yaml", ["optim.lr=2e-4", "train.steps=100"])`` reads the YAML, applies
-``key=value`` overrides (dotted keys, values parsed as YAML), and checks every key: an unknown key is a
-one-line error that suggests the closest known key.
+``load_config("sd15_foster", ["optim.lr=2e-4", "train.steps=100"])`` reads the YAML (a packaged name, as
+``tsm configs`` lists them, or a path to a file), applies ``key=value`` overrides (dotted keys, values parsed
+as YAML), and checks every key: an unknown key is a one-line error that suggests the closest known key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class DataConfig:
     cache: bool = True  # cache VAE latents (and frozen text embeddings) on disk
     cache_dir: str | None = None  # default: <output_dir>/cache
     num_workers: int = 0  # DataLoader workers
+    # every image/clip is opened once before step 0 (cached by size and mtime); false: a bad file stops the
+    # run with the list of every bad file; true: bad files are left out and counted
+    skip_bad: bool = False
 
 
 @dataclass
@@ -162,6 +166,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     output_dir: str = "runs/train"
+    # a fresh run (no --resume) into an output_dir that already holds checkpoints is refused; true: those
+    # checkpoints and the run's files are deleted first
+    overwrite: bool = False
     checkpoint_every: int = 500  # steps between checkpoints
     keep_last: int = 2  # checkpoints kept
     log_every: int = 10  # steps between tracker scalars (loss, lr, loss per finest interval)
@@ -240,10 +247,16 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
+# string keys whose accepted words YAML 1.1 reads as booleans (`mixed_precision: no` is False)
+_YAML_WORDS = {"train.mixed_precision": {False: "no", True: "yes"}}
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """YAML 1.1 reads 1e-4 as a string: turn strings into numbers where the field is numeric."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = set(typing.get_args(hint)) if union else {hint}
+    if key in _YAML_WORDS and isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a bool
+        value = _YAML_WORDS[key][value]
     if value is None or type(value) in allowed or Any in allowed:
         return value
     if float in allowed and isinstance(value, int | str) and not isinstance(value, bool):
@@ -269,9 +282,16 @@ def validate(cfg: Config) -> None:
         raise TsmError("train.method=assemble needs train.experts_from: the fostered run or its experts file")
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise TsmError(f"train.mixed_precision must be no, bf16 or fp16, got {cfg.train.mixed_precision!r}")
-    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
+    for key in (
+        "steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every", "validation_steps",
+    ):  # fmt: skip
         if getattr(cfg.train, key) < 1:
             raise TsmError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.train.validate_every < 0:
+        raise TsmError(
+            f"train.validate_every must be >= 0 (0: only at the end), got {cfg.train.validate_every}"
+        )
+    _validate_numbers(cfg)
     o = cfg.objective
     if o.weighting is not None and o.weighting not in WEIGHTINGS:
         raise TsmError(f"objective.weighting must be one of {', '.join(WEIGHTINGS)}, got {o.weighting!r}")
@@ -358,6 +378,32 @@ def validate(cfg: Config) -> None:
             raise TsmError(f"train.assemble_experts_lr must be > 0 (or unset), got {tc.assemble_experts_lr}")
 
 
+def _validate_numbers(cfg: Config) -> None:
+    """Learning rates, ranks, sizes: values that train nothing or crash deep inside torch, refused here."""
+    op, e, d = cfg.optim, cfg.experts, cfg.data
+    for key in ("lr", "text_lr", "fake_lr"):
+        value = getattr(cfg.distill if key == "fake_lr" else op, key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            section = "distill" if key == "fake_lr" else "optim"
+            raise TsmError(f"{section}.{key} must be a positive number, got {value}")
+    for key in ("weight_decay", "text_weight_decay"):
+        value = getattr(op, key)
+        if value is not None and not value >= 0:
+            raise TsmError(f"optim.{key} must be >= 0, got {value}")
+    if op.max_grad_norm is not None and not op.max_grad_norm > 0:
+        raise TsmError(f"optim.max_grad_norm must be > 0 (or null: no clipping), got {op.max_grad_norm}")
+    if e.rank < 1:
+        raise TsmError(f"experts.rank must be >= 1, got {e.rank}")
+    if e.alpha is not None and not e.alpha > 0:
+        raise TsmError(f"experts.alpha must be > 0 (or null: = rank), got {e.alpha}")
+    if not 0 <= e.dropout < 1:
+        raise TsmError(f"experts.dropout must be in [0, 1), got {e.dropout}")
+    if d.resolution < 1:
+        raise TsmError(f"data.resolution must be a positive number of pixels, got {d.resolution}")
+    if not 0 <= d.caption_dropout <= 1:
+        raise TsmError(f"data.caption_dropout must be in [0, 1], got {d.caption_dropout}")
+
+
 def _validate_data(cfg: Config) -> None:
     """data.buckets, trigger, tags: each failure a one-line TsmError."""
     d, b = cfg.data, cfg.data.buckets
@@ -396,11 +442,37 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# the YAML recipes, shipped in the wheel (pyproject.toml package-data)
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged configs, sorted: ``sd15_foster`` for tsm/configs/sd15_foster.yaml, and
+    ``accelerate/fsdp`` for the accelerate launcher's config."""
+    return sorted(
+        p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix() for p in PACKAGED_CONFIGS.rglob("*.yaml")
+    )
+
+
+def packaged_config(name: str) -> Path:
+    """The YAML file of a packaged config (``sd15_foster`` -> tsm/configs/sd15_foster.yaml)."""
+    if name in packaged_configs():
+        return PACKAGED_CONFIGS / f"{name}.yaml"
+    names = [n for n in packaged_configs() if "/" not in n]  # the training recipes
+    raise TsmError(f"no config file or packaged config named {name!r}; packaged: {', '.join(names)}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    ``path`` is a file, or a packaged config's name: a bare name (no ``.yaml``, no folder) that is no file."""
     d: dict[str, Any] = {}
     if path is not None:
+        name = str(path)
         path = Path(path)
+        bare = "/" not in name and "\\" not in name and not name.endswith((".yaml", ".yml"))
+        if not path.is_file() and bare:
+            path = packaged_config(name)
         if not path.is_file():
             raise TsmError(f"config file {path} does not exist")
         try:
