@@ -1002,7 +1002,12 @@ class _Loader(DataLoader):
     \ntsm.errors.TsmError: <message>", and that message is what the CLI would print."""
 
     def __iter__(self) -> Iterator[Any]:
-        batches = super().__iter__()
+        # the iterator is made here, not on the first next(): making it draws the workers' base seed from
+        # torch's global RNG, and a resumed run must draw it at the same point as one that never stopped
+        return self._one_line_errors(super().__iter__())
+
+    @staticmethod
+    def _one_line_errors(batches: Iterator[Any]) -> Iterator[Any]:
         while True:
             try:
                 batch = next(batches)

@@ -306,6 +306,7 @@ def row_config(row: Row, budget: Budget, base: Path, out: Path, **train: Any) ->
         "train.batch_per_expert": method == "foster" and not row.mixed,
         "train.seed": row.seed,
         "train.output_dir": str(out),
+        "train.overwrite": True,  # a row killed mid-run is retrained from scratch (finished rows are skipped)
         "train.checkpoint_every": steps,
         "train.keep_last": 1,
         "train.log_with": "none",

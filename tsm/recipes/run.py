@@ -21,6 +21,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import tsm.recipes
-from tsm import io
+from tsm import io, rundir
 from tsm.config import Config, save_config
 from tsm.errors import TsmError
 from tsm.inject import add_experts, set_stage
@@ -36,8 +37,7 @@ from tsm.models import Components, get_family
 from tsm.recipes.base import RECIPES, Recipe, expert_modules, weight_dtype
 from tsm.spec import ExpertSpec
 
-CHECKPOINTS = "checkpoints"
-STATE = "state.json"
+CHECKPOINTS, STATE = rundir.CHECKPOINTS, rundir.STATE  # the run directory's layout: tsm/rundir.py
 RECIPE_STATE = "recipe.pt"
 
 
@@ -136,12 +136,15 @@ def sample_run(
     seeds: Sequence[int],
     steps: int,
     guidance_scale: float,
-    resolution: int,
+    resolution: int | tuple[int, int],
     progress: bool = True,
+    desc: str = "sampling",
 ) -> torch.Tensor:
-    """Sample a trained run the way its method samples (the recipe's ``sample``)."""
+    """Sample a trained run the way its method samples (the recipe's ``sample``); ``progress``: a bar over
+    the steps on stderr, labelled ``desc (N images, S steps)``. The prompts are used as given (see
+    `tsm.sampling.with_trigger` for the run's ``data.trigger``)."""
     recipe = recipe_class(cfg.train.method)
-    return recipe.sample(cfg, c, prompts, seeds, steps, guidance_scale, resolution, progress)
+    return recipe.sample(cfg, c, prompts, seeds, steps, guidance_scale, resolution, progress, desc)
 
 
 def guidance_of(cfg: Config, c: Components) -> float:
@@ -160,33 +163,41 @@ def write_checkpoint(run: Path, step: int, save: Callable[[Path], None], state: 
     root = run / CHECKPOINTS
     final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save(tmp)
-    (tmp / STATE).write_text(json.dumps({**state, "step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    # a full disk, a quota, a lost mount: one line naming the last complete checkpoint, and no .tmp left
+    with rundir.writing(f"checkpoint {final.name}", run, partial=tmp):
+        tmp.mkdir(parents=True)
+        save(tmp)
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(run: Path) -> Path | None:
-    done = sorted(
-        p for p in (run / CHECKPOINTS).glob("step_*") if (p / STATE).is_file() and p.suffix != ".tmp"
-    )
+    done = rundir.complete_checkpoints(run)
     return done[-1] if done else None
 
 
 def _save(recipe: Recipe, directory: Path) -> None:
     for name, module in recipe.modules().items():
         io.save(module, directory / f"{name}.safetensors")
-    torch.save(recipe.state_dict(), directory / RECIPE_STATE)
+    buffer = BytesIO()  # serialised first: a failed write is then an OSError, not torch's zip-writer error
+    torch.save(recipe.state_dict(), buffer)
+    (directory / RECIPE_STATE).write_bytes(buffer.getbuffer())
 
 
 def _load(recipe: Recipe, ckpt: Path) -> None:
     for name, module in recipe.modules().items():
-        io.load(module, ckpt / f"{name}.safetensors")
-    recipe.load_state_dict(torch.load(ckpt / RECIPE_STATE, weights_only=True))  # never unpickle
+        file = ckpt / f"{name}.safetensors"
+        try:
+            io.load(module, file)
+        except TsmError:
+            rundir.check_safetensors(file)  # unreadable: "damaged, resume from the one before"
+            raise  # readable, but other experts than the model's
+    state = rundir.read_checkpoint_file(ckpt / RECIPE_STATE, lambda p: torch.load(p, weights_only=True))
+    recipe.load_state_dict(state)  # never unpickle
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,19 +243,23 @@ def plot_loss(
     plt.close(fig)
 
 
-def validation_grid(cfg: Config, c: Components, path: Path) -> Path | None:
-    """The validation prompts x seeds as one PNG (None when ``train.validation_prompts`` is empty)."""
+def validation_grid(cfg: Config, c: Components, path: Path, progress: bool = True) -> Path | None:
+    """The validation prompts x seeds as one PNG (None when ``train.validation_prompts`` is empty), the
+    prompts with ``data.trigger`` in front as the captions had it. ``progress``: a bar on stderr, "validation
+    grid (N images, S steps)" with its ETA (the caller draws grids on the main process only)."""
     from tsm.images import make_grid, to_pil
+    from tsm.sampling import with_trigger
 
     tc = cfg.train
     if not tc.validation_prompts or not tc.validation_seeds:
         return None
     modes = {k: m.training for k, m in c.modules().items()}
-    prompts = [p for p in tc.validation_prompts for _ in tc.validation_seeds]
+    prompts = [p for p in with_trigger(tc.validation_prompts, cfg.data.trigger) for _ in tc.validation_seeds]
     seeds = [s for _ in tc.validation_prompts for s in tc.validation_seeds]
     images = sample_run(
-        cfg, c, prompts, seeds, tc.validation_steps, guidance_of(cfg, c), cfg.data.resolution, progress=False
-    )
+        cfg, c, prompts, seeds, tc.validation_steps, guidance_of(cfg, c), cfg.data.resolution,
+        progress=progress, desc="validation grid",
+    )  # fmt: skip
     for k, m in c.modules().items():
         m.train(modes[k])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,22 +304,50 @@ def _flat_config(cfg: Config) -> dict[str, Any]:
     return flat
 
 
+def _flag(value: bool, acc: Any) -> torch.Tensor:
+    return torch.tensor([float(value)], device=acc.device)  # (1,): summed over processes
+
+
 def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool = True) -> dict[str, Any]:
     """Run one training job with the recipe of ``train.method``; returns a summary (final loss, steps, it/s).
 
     ``dataset``: any map-style dataset of ``{"pixels", "caption", "key"}`` items instead of ``data.path``
     (the digits benchmark passes its in-memory tasks).
+
+    The run directory (`tsm.rundir`): one run at a time (``run.lock``, main process), ``--resume`` refuses
+    a config that trains another run, a fresh run refuses a folder holding checkpoints unless
+    ``train.overwrite``; SIGTERM finishes the step, writes a checkpoint and raises `tsm.rundir.Stopped`.
     """
+    run = Path(cfg.train.output_dir)
+    acc = make_accelerator(cfg, run)
+    with rundir.run_guard(run, acc.is_main_process, acc.print) as stop:
+        return _train(cfg, acc, resume, dataset, progress, stop)
+
+
+def _train(
+    cfg: Config, acc: Any, resume: bool, dataset: Any, progress: bool, stop: rundir.StopOnSignal
+) -> dict[str, Any]:
+    """`train` inside its locked run directory."""
     from tsm.data import LatentCache, load_dataset
 
     tc = cfg.train
     run = Path(tc.output_dir)
-    acc = make_accelerator(cfg, run)
     world = acc.num_processes
     recipe_cls = recipe_class(tc.method)
+    point = rundir.start_point(run, cfg, resume)  # read-only: every process refuses alike
+    acc.wait_for_everyone()  # every process has read config.yaml before the main process rewrites it
+    if point.finished is not None:
+        acc.print(f"{run} finished at step {point.step}; nothing to train (raise train.steps to go on)")
+        return point.finished
     if acc.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
+        if not resume and tc.overwrite and (gone := rundir.clear_run(run)):
+            acc.print(f"train.overwrite=true: deleted the previous run's {', '.join(gone)} in {run}")
+        if left := rundir.clean_partial(run):
+            acc.print(f"removed {len(left)} half-written file(s) of a run that stopped: {left[0].name} ...")
+        if point.applied:
+            acc.print(f"resuming with changed {'; '.join(point.applied)}")
         save_config(cfg, run / "config.yaml")
+    acc.wait_for_everyone()  # the folder is cleaned before any process reads it
     if dataset is None:
         dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video, seed=tc.seed)
     c = build(cfg, acc.device, weight_dtype(cfg))
@@ -314,11 +357,13 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
 
     start, history, curves = 0, [], {}
     if resume:
-        ckpt = latest_checkpoint(run)
+        ckpt = point.checkpoint
         if ckpt is not None:
-            state = json.loads((ckpt / STATE).read_text())
+            state = point.state
             start, history = state["step"], [tuple(h) for h in state["history"]]
             curves = {k: [tuple(p) for p in v] for k, v in state.get("curves", {}).items()}
+            if start > total:  # a method whose total is not train.steps alone (start_point checked that)
+                raise TsmError(f"{ckpt} is past the run's {total} steps; raise train.steps to resume it")
             recipe.begin(start - 1)  # the stage (and optimizer) the checkpoint was written in, then load it
             _load(recipe, ckpt)
             if progress:
@@ -359,13 +404,21 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
             and (step + 1) % tc.validate_every == 0
             and step + 1 < total
         ):
-            validation_grid(cfg, c, run / "samples" / f"step_{step + 1:07d}.png")
-        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
+            validation_grid(cfg, c, run / "samples" / f"step_{step + 1:07d}.png", progress)
+        # SIGTERM (a cluster about to kill the job): this step is done; checkpoint it and stop
+        stopping = stop.requested if world == 1 else bool(acc.reduce(_flag(stop.requested, acc), "sum"))
+        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total or stopping:
             if acc.is_main_process:
                 state = {"history": history, "curves": curves}
                 last_good = write_checkpoint(run, step + 1, lambda d: _save(recipe, d), state, tc.keep_last)
-                plot_loss(history, run / "loss.png", curves)
+                with rundir.writing("loss.png", run):
+                    plot_loss(history, run / "loss.png", curves)
             acc.wait_for_everyone()
+        if stopping:
+            bar.close()
+            acc.end_training()  # the trackers flushed
+            ckpt = run / CHECKPOINTS / f"step_{step + 1:07d}"
+            raise rundir.Stopped(stop.signum, step + 1, ckpt, acc.is_main_process)
     bar.close()
     seconds = time.perf_counter() - t0
     recipe.finish()
@@ -378,14 +431,15 @@ def train(cfg: Config, resume: bool = False, dataset: Any = None, progress: bool
     summary["it_per_s"] = (total - start) / seconds if seconds > 0 else math.nan
     summary["final_loss"] = history[-1][1] if history else math.nan
     if acc.is_main_process:
-        for name, module in recipe.modules().items():
-            if name in c.modules():  # what `tsm sample` / `tsm export` read (not e.g. a fake score)
-                io.save(module, run / f"{name}.safetensors")
-        if history:
-            plot_loss(history, run / "loss.png", curves)
-        grid = validation_grid(cfg, c, run / "samples" / "final.png")
-        summary["grid"] = str(grid) if grid else None
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        with rundir.writing("the run's final files", run):  # the last checkpoint holds the run: --resume
+            for name, module in recipe.modules().items():
+                if name in c.modules():  # what `tsm sample` / `tsm export` read (not e.g. a fake score)
+                    io.save(module, run / f"{name}.safetensors")
+            if history:
+                plot_loss(history, run / "loss.png", curves)
+            grid = validation_grid(cfg, c, run / "samples" / "final.png", progress)
+            summary["grid"] = str(grid) if grid else None
+            (run / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.wait_for_everyone()
     acc.end_training()  # closes the trackers (and, with several processes, the process group)
     return summary
