@@ -4,7 +4,7 @@ Layers, lowest first (imports may only point down, or stay within a layer):
 
     core      tsm/__init__.py intervals spec routing router experts inject grads objectives errors images
     models    tsm/models/
-    services  tsm/data.py sampling.py io.py config.py optimizers.py comfyui.py rundir.py
+    services  tsm/data.py sampling.py io.py config.py optimizers.py comfyui.py rundir.py metrics/
     recipes   tsm/recipes/
     bench     tsm/bench/
     cli       tsm/cli.py
@@ -40,7 +40,21 @@ CORE = (
     "errors",
     "images",
 )
-SERVICES = ("data", "sampling", "io", "config", "optimizers", "comfyui", "rundir")
+SERVICES = (
+    "data",
+    "sampling",
+    "io",
+    "config",
+    "optimizers",
+    "comfyui",
+    "rundir",
+    "metrics",
+    "metrics.folder",
+    "metrics.inception",
+    "metrics.bvqa",
+    "metrics.clipscore",
+    "metrics.fid",
+)
 # within services: a module may import only services of a lower rank (the order of today's imports)
 SERVICES_RANK = {
     "tsm.io": 0,
@@ -50,6 +64,13 @@ SERVICES_RANK = {
     "tsm.optimizers": 1,
     "tsm.comfyui": 1,
     "tsm.rundir": 1,
+    # tsm/metrics/: folder reads data's caption conventions; the metrics import folder (and fid, inception)
+    "tsm.metrics": 2,
+    "tsm.metrics.folder": 2,
+    "tsm.metrics.inception": 0,
+    "tsm.metrics.bvqa": 3,
+    "tsm.metrics.clipscore": 3,
+    "tsm.metrics.fid": 3,
 }
 # the package's own __init__ is the public facade: it re-exports tsm.io's save/load/export_lora (a service
 # that itself imports core modules only, checked below), so `tsm.save(...)` works after `import tsm`
