@@ -132,7 +132,9 @@ def test_mixed_batch_equals_each_sample_alone(variant, kind):
             for b in range(6):  # each sample alone, with the scale it has in the batch
                 routing.foster_scales = torch.tensor([0, 1, 2, 0, 0, 1])[b : b + 1]
                 alone.append(model(x[b : b + 1], t[b : b + 1]))
-            torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+            # a batch of 6 and batches of 1 sum a conv3d in another order (measured: 2.1e-5 on one machine's
+            # CPU kernels, 1e-5 on another); a misrouted sample differs by the expert's whole update
+            torch.testing.assert_close(mixed, torch.cat(alone), atol=5e-5, rtol=1e-5)
 
 
 def test_shared_and_smooth_layer_math_by_hand():
