@@ -231,6 +231,23 @@ def test_a_damaged_checkpoint_file_is_one_line(name, finished, assets, tmp_path,
     assert "weights_only" not in msg and "unpickl" not in msg.lower()
 
 
+def test_a_failed_resume_writes_nothing_and_the_next_one_trains_on(finished, assets, tmp_path, capsys):
+    # the run's config.yaml is what the next --resume is checked against: a resume that fails while loading
+    # its checkpoint must leave it as it was, or the next one would take the run for finished
+    cfg, run = copy_of(finished, tmp_path, assets)
+    name = run / "checkpoints" / "step_0000004" / "recipe.pt"
+    good = name.read_bytes()
+    before = (run / "config.yaml").read_bytes()
+    corrupt(name)
+    one_line_error(capsys, "train", cfg, "--resume", "train.steps=6")
+    assert (run / "config.yaml").read_bytes() == before
+    name.write_bytes(good)
+    code, err = run_cli("train", cfg, "--resume", "train.steps=6", capsys=capsys)
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 6
+
+
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(assets, tmp_path, capsys):
     cfg = config(tmp_path / "run.yaml", assets, steps=40, checkpoint_every=100)
     run = tmp_path / "run"

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,9 @@ def read_checkpoint_file(path: Path, read: Callable[[Path], Any]) -> Any:
     if not path.is_file():
         raise TsmError(f"{path} is missing: the checkpoint is incomplete; {_before(path.parent)}")
     try:
-        return read(path)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            return read(path)
     except TsmError:
         raise
     except Exception as e:  # UnpicklingError, RuntimeError (zip), JSONDecodeError, SafetensorError, OSError

@@ -346,7 +346,8 @@ def _train(
             acc.print(f"removed {len(left)} half-written file(s) of a run that stopped: {left[0].name} ...")
         if point.applied:
             acc.print(f"resuming with changed {'; '.join(point.applied)}")
-        save_config(cfg, run / "config.yaml")
+        if point.checkpoint is None:  # a resumed run's config.yaml is rewritten once its checkpoint loaded
+            save_config(cfg, run / "config.yaml")
     acc.wait_for_everyone()  # the folder is cleaned before any process reads it
     if dataset is None:
         dataset = load_dataset(cfg.data, video=get_family(cfg.model.family).video, seed=tc.seed)
@@ -366,6 +367,8 @@ def _train(
                 raise TsmError(f"{ckpt} is past the run's {total} steps; raise train.steps to resume it")
             recipe.begin(start - 1)  # the stage (and optimizer) the checkpoint was written in, then load it
             _load(recipe, ckpt)
+            if acc.is_main_process:  # the keys --resume may change, now that the checkpoint has loaded
+                save_config(cfg, run / "config.yaml")
             if progress:
                 acc.print(f"resumed from {ckpt} at step {start}")
         else:
