@@ -79,7 +79,15 @@ def _sample(args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TsmError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
 
+    if args.guidance_2 is not None and not (math.isfinite(args.guidance_2) and args.guidance_2 >= 0):
+        raise TsmError(f"--guidance-2 must be a finite number >= 0, got {args.guidance_2}")
     cfg, c = load_run(args.run, device)
+    if args.guidance_2 is not None:
+        if "boundary_timestep" not in c.extra:
+            raise TsmError(
+                "--guidance-2 is the low-noise transformer's guidance of a Wan 2.2 run; leave it out"
+            )
+        c.extra["guidance_scale_2"] = args.guidance_2
     side = args.resolution or cfg.data.resolution
     size = (args.height or side, args.width or side)  # (height, width); a square passes as its side
     asked = any(v is not None for v in (args.resolution, args.width, args.height))
@@ -135,15 +143,16 @@ def _export(args: argparse.Namespace) -> None:
 
     if args.comfyui is None and args.out is None:
         raise TsmError("pass --out (a file, or a folder with --all/--timesteps) or --comfyui DIR")
-    if args.comfyui is not None and not args.ckpt:
-        raise TsmError(
-            "--comfyui needs --ckpt NAME: the base model's file as ComfyUI's models/checkpoints/ lists it "
-            "(e.g. --ckpt sd_xl_base_1.0.safetensors)"
-        )
     cfg, c = load_run(args.run)
     family, denoiser = c.family, c.family.denoiser_subfolder
     name = args.module or denoiser
     modules = c.modules()
+    if len(family.part_labels) > 1 and family.part_labels.keys() <= modules.keys() and not args.module:
+        if args.comfyui is not None:
+            _export_comfyui_pair(args, cfg, c)
+        else:
+            _export_pair(args, c)
+        return
     if name not in modules or getattr(modules[name], ATTR, None) is None:
         raise TsmError(f"module {name!r} has no experts in {args.run}; choose from {', '.join(modules)}")
     if args.comfyui is not None:
@@ -179,10 +188,131 @@ def _export(args: argparse.Namespace) -> None:
             for i in range(n)
         )
     else:
-        jobs = iter([(io.lora_state(parts, args.scale, args.index), out)])
+        jobs = iter([(io.lora_state(parts, args.scale or 0, args.index or 0), out)])
     n_text = len(family.text_subfolders)  # kohya's lora_te_ (one) or lora_te1_/lora_te2_ (two or more)
     paths = [comfyui.save_as(state, path, args.format, family.name, n_text) for state, path in jobs]
     print(f"wrote {len(paths)} {args.format} LoRA file(s) with {' + '.join(parts)} experts to {args.out}")
+
+
+def _pair_name(args: argparse.Namespace) -> str:
+    """``--name``, else the run directory's name (a checkpoint's run: its parent's parent)."""
+    from tsm.recipes.run import CHECKPOINTS
+
+    path = Path(args.run).resolve()
+    return args.name or (path.parent.parent if path.parent.name == CHECKPOINTS else path).name
+
+
+def _export_pair(args: argparse.Namespace, c: object) -> None:
+    """Wan 2.2: each transformer's experts as their own LoRA files, ``<name>[_s<s>_i<i>]_high_noise`` and
+    ``..._low_noise.safetensors`` (ai-toolkit's suffixes), each keyed ``transformer.`` as
+    ``WanPipeline.load_lora_weights(path)`` / ``(path, load_into_transformer_2=True)`` read them."""
+    import torch
+
+    from tsm import comfyui, io
+    from tsm.inject import ATTR, get_routing
+
+    if args.out is None:
+        raise TsmError("pass --out DIR: the folder for the <name>_high_noise / <name>_low_noise files")
+    out, name, modules = Path(args.out), _pair_name(args), c.modules()
+    if out.suffix == ".safetensors":
+        raise TsmError(f"--out {out} is a file name; a Wan 2.2 run exports two or more files: pass a folder")
+    if args.format == "kohya":
+        raise TsmError("kohya names cover SD1.5/SDXL; export Wan 2.2 with --format diffusers or comfyui")
+    jobs = []
+    for part, label in c.family.part_labels.items():
+        model = modules[part]
+        if getattr(model, ATTR, None) is None:
+            continue  # train.only_transformer: the other side has no experts
+        one = {"transformer": model}  # both files keyed transformer.: the pipeline picks the transformer
+        counts = get_routing(model).spec.experts_per_scale
+        start = len(jobs)
+        if args.timesteps:
+            for t in args.timesteps:
+                if c.family.denoiser_parts(c, torch.tensor([float(t)]))[part].item():
+                    jobs.append((io.step_lora_state(one, t), out / f"{name}_t{t:g}_{label}.safetensors"))
+        elif args.scale is not None or args.index is not None:
+            s, i = args.scale or 0, args.index or 0
+            jobs.append((io.lora_state(one, s, i), out / f"{name}_s{s}_i{i}_{label}.safetensors"))
+        elif list(counts) == [1]:  # one LoRA per transformer: the pair
+            jobs.append((io.lora_state(one, 0, 0), out / f"{name}_{label}.safetensors"))
+        else:  # every interval of the finest scale (--all: of every scale)
+            scales = range(len(counts)) if args.all else [0]
+            jobs += [
+                (io.lora_state(one, s, i), out / f"{name}_s{s}_i{i}_{label}.safetensors")
+                for s in scales
+                for i in range(counts[s])
+            ]
+        for state, _ in jobs[start:]:  # which transformer the file is for (tsm.import_lora checks it)
+            state[1]["tsm_component"] = part
+    paths = [comfyui.save_as(state, path, args.format, c.family.name) for state, path in jobs]
+    print(f"wrote {len(paths)} {args.format} LoRA file(s) to {out}: {', '.join(p.name for p in paths)}")
+
+
+def _export_comfyui_pair(args: argparse.Namespace, cfg: object, c: object) -> None:
+    """Wan 2.2: each transformer's LoRA files in ComfyUI's names (one per interval of its finest scale) and the
+    two-sampler workflow: KSamplerAdvanced on the high-noise model until t crosses the boundary, then on the
+    low-noise model, for the workflow's own schedule and step count."""
+    from tsm import comfyui, io
+    from tsm.inject import ATTR, get_routing
+    from tsm.recipes.run import guidance_of
+    from tsm.sampling import with_trigger
+
+    files = dict(comfyui.WAN22_FILES)
+    # --ckpt HIGH,LOW: the two diffusion models as ComfyUI's models/diffusion_models/ lists them
+    if args.ckpt:
+        names = args.ckpt.split(",")
+        if len(names) != 2:
+            raise TsmError(
+                f"--ckpt for a Wan 2.2 run names both diffusion models: --ckpt HIGH.safetensors,LOW.safetensors "
+                f"(got {args.ckpt!r}; default {files['high']},{files['low']})"
+            )
+        files["high"], files["low"] = names
+    side = (
+        args.width or args.resolution or cfg.data.resolution,
+        args.height or args.resolution or cfg.data.resolution,
+    )
+    if side[0] % 16 or side[1] % 16:
+        raise TsmError(f"Wan's frame size must be multiples of 16, got {side[0]}x{side[1]}")
+    name, out, modules = _pair_name(args), Path(args.comfyui), c.modules()
+    loras, scales, paths = {}, {}, []
+    for part, label in c.family.part_labels.items():
+        model = modules[part]
+        if getattr(model, ATTR, None) is None:
+            continue
+        spec = get_routing(model).spec
+        if spec.routing == "smooth" or (get_routing(model).stage == "assemble" and len(spec.scales) > 1):
+            raise TsmError(
+                "--comfyui switches fostered experts by step; smooth routing and assembled routers are not one "
+                "LoRA per interval: export per-step LoRAs with --timesteps"
+            )
+        n = spec.experts_per_scale[0]
+        key = label.removesuffix("_noise")
+        loras[key], scales[key] = [], spec.scales[0]
+        for i in range(n):
+            state = io.lora_state({"transformer": model}, 0, i)
+            state[1]["tsm_component"] = part
+            file = out / (f"{name}_{label}.safetensors" if n == 1 else f"{name}_s0_i{i}_{label}.safetensors")
+            paths.append(comfyui.save_as(state, file, "comfyui", c.family.name))
+            loras[key].append(file.name)
+    prompt = args.prompt if args.prompt is not None else (cfg.train.validation_prompts or [""])[0]
+    steps = c.family.default_steps if args.steps is None else args.steps
+    graph = comfyui.wan22_workflow(
+        loras, scales, c.extra["boundary_timestep"], float(c.scheduler.config.get("flow_shift", 1.0)),
+        c.objective.num_timesteps, files, with_trigger([prompt], cfg.data.trigger)[0], args.negative_prompt,
+        steps, guidance_of(cfg, c) if args.guidance is None else args.guidance, side[0], side[1],
+        cfg.data.num_frames, args.seed,
+    )  # fmt: skip
+    comfyui.check_graph(graph)
+    workflow = out / "workflow_api.json"
+    workflow.write_text(json.dumps(graph, indent=2))
+    _, switch = comfyui.wan22_switch(
+        float(c.scheduler.config.get("flow_shift", 1.0)), steps, c.extra["boundary_timestep"]
+    )
+    print(
+        f"wrote {len(paths)} LoRA files and {workflow} (high-noise model for steps 0-{switch - 1}, low-noise "
+        f"from step {switch} of {steps}): copy the LoRA files into ComfyUI/models/loras/, {files['high']} and "
+        f"{files['low']} must be in models/diffusion_models/; queue the workflow (API format) with POST /prompt"
+    )
 
 
 def _export_comfyui(args: argparse.Namespace, cfg: object, c: object) -> None:
@@ -195,6 +325,11 @@ def _export_comfyui(args: argparse.Namespace, cfg: object, c: object) -> None:
 
     if args.module not in (None, c.family.denoiser_subfolder):
         raise TsmError("--comfyui exports the denoiser's experts; leave out --module")
+    if not args.ckpt:
+        raise TsmError(
+            "--comfyui needs --ckpt NAME: the base model's file as ComfyUI's models/checkpoints/ lists it "
+            "(e.g. --ckpt sd_xl_base_1.0.safetensors)"
+        )
     # the latent: --width/--height, else --resolution, else the run's first bucket (a pixel budget: its square
     # bucket, which make_buckets always holds), else data.resolution
     buckets = resolve_buckets(cfg.data.buckets)
@@ -373,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="classifier-free guidance (default: the run's train.guidance_scale, else the family's)",
     )
+    p.add_argument(
+        "--guidance-2",
+        type=float,
+        default=None,
+        help="Wan 2.2: the low-noise transformer's guidance, WanPipeline's guidance_scale_2 (default: --guidance)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="square side (default: data.resolution)")
     p.add_argument("--width", type=int, default=None, help="image width (default: --resolution)")
     p.add_argument("--height", type=int, default=None, help="image height (default: --resolution)")
@@ -393,8 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="export only this part: unet, transformer, text_encoder, ... (default: the denoiser and its text "
         "encoders, in one file)",
     )
-    p.add_argument("--scale", type=int, default=0, help="0 = the finest scale (the core experts)")
-    p.add_argument("--index", type=int, default=0, help="interval index within the scale")
+    p.add_argument(
+        "--scale", type=int, default=None, help="0 = the finest scale (the core experts); default 0"
+    )
+    p.add_argument("--index", type=int, default=None, help="interval index within the scale; default 0")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="Wan 2.2: the files' name before _high_noise / _low_noise (default: the run directory's name)",
+    )
     p.add_argument("--all", action="store_true", help="export every expert into the folder --out")
     p.add_argument(
         "--timesteps",
@@ -418,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ckpt",
         default=None,
-        help="--comfyui (required): the base checkpoint's file in ComfyUI/models/checkpoints/",
+        help="--comfyui (required): the base checkpoint's file in ComfyUI/models/checkpoints/; Wan 2.2: "
+        "HIGH,LOW, the two diffusion models (default: Comfy-Org's repackaged fp16 files)",
     )
     p.add_argument(
         "--prompt",

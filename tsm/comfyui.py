@@ -12,6 +12,10 @@ Which format ComfyUI gets, per family -- checked against ComfyUI's key map (``co
     sd3, flux diffusers (``transformer.{module}.lora_A.weight``): ComfyUI's ``mmdit_to_diffusers`` /
               ``flux_to_diffusers`` map diffusers names; kohya's names for these models are the original
               (MMDiT / BFL) ones, not diffusers', so a kohya rename would not be found
+    wan       Wan's original names with ComfyUI's ``diffusion_model.`` prefix
+              (``diffusion_model.blocks.0.self_attn.q.lora_A.weight``): the model's own state-dict keys, which
+              ComfyUI's key map takes as they are; the layout ai-toolkit writes for Wan 2.1 / 2.2, and one
+              diffusers' ``WanPipeline.load_lora_weights`` converts back (tested)
     CLIP text kohya (``lora_te_`` for one text encoder, ``lora_te1_`` / ``lora_te2_`` for two), the
     encoders names ``model_lora_keys_clip`` maps for clip_l / clip_g (q/k/v/out_proj, fc1, fc2)
 
@@ -44,12 +48,30 @@ COMFYUI_DENOISER = {
     "sdxl": "kohya",
     "sd3": "diffusers",
     "flux": "diffusers",
+    "wan": "wan",
 }  # per family, see the docstring
 COMFYUI_TEXT = {
     "sd15": ("text_encoder",),
     "sdxl": ("text_encoder", "text_encoder_2"),
     "sd3": ("text_encoder", "text_encoder_2"),
     "flux": ("text_encoder",),
+    "wan": (),
+}
+# Wan's original module names (what ComfyUI's Wan model and musubi-tuner / ai-toolkit files use) for diffusers'
+# WanTransformer3DModel names inside blocks.N: diffusers' own table (_convert_non_diffusers_wan_lora_to_diffusers)
+WAN_NAMES = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
 }
 KOHYA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_TEXT_FAMILIES = ("sd15", "sdxl")  # the families whose text encoders kohya / A1111 names (lora_te_...)
@@ -127,7 +149,25 @@ def to_comfyui(
                 f"only, not {head}; export that module with --format diffusers"
             )
     out = to_kohya(texts, text_encoders) if texts else {}
-    out.update(to_kohya(denoiser) if COMFYUI_DENOISER[family] == "kohya" else denoiser)
+    kind = COMFYUI_DENOISER[family]
+    out.update(to_kohya(denoiser) if kind == "kohya" else to_wan(denoiser) if kind == "wan" else denoiser)
+    return out
+
+
+def to_wan(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Wan LoRA in diffusers names (``transformer.blocks.N.attn1.to_q.lora_A.weight``) in Wan's original ones
+    (``diffusion_model.blocks.N.self_attn.q.lora_A.weight``; `WAN_NAMES`), alpha still baked into B."""
+    out = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.removeprefix("transformer.").rpartition(".lora_")
+        block, _, inner = module.partition(".") if module.startswith("blocks.") else ("", "", module)
+        number, _, layer = inner.partition(".")
+        if not block or layer not in WAN_NAMES:
+            raise TsmError(
+                f"Wan's original names cover the blocks' attention and FFN layers, not {module}; export with "
+                "--format diffusers, or train without it in experts.targets"
+            )
+        out[f"diffusion_model.blocks.{number}.{WAN_NAMES[layer]}.lora_{suffix}"] = value
     return out
 
 
@@ -340,6 +380,32 @@ NODES: dict[str, tuple[tuple[str, ...], tuple[str, ...], int]] = {
     ),
     "VAEDecode": (("samples", "vae"), (), 1),
     "SaveImage": (("images", "filename_prefix"), (), 0),
+    # Wan 2.2 (nodes.py, comfy_extras/nodes_hunyuan.py, nodes_images.py): the two diffusion models, UMT5, the VAE
+    "UNETLoader": (("unet_name", "weight_dtype"), (), 1),
+    "CLIPLoader": (("clip_name", "type"), ("device",), 1),
+    "VAELoader": (("vae_name",), (), 1),
+    "LoraLoaderModelOnly": (("model", "lora_name", "strength_model"), (), 1),
+    "EmptyHunyuanLatentVideo": (("width", "height", "length", "batch_size"), (), 1),
+    "KSamplerAdvanced": (
+        (
+            "model",
+            "add_noise",
+            "noise_seed",
+            "steps",
+            "cfg",
+            "sampler_name",
+            "scheduler",
+            "positive",
+            "negative",
+            "latent_image",
+            "start_at_step",
+            "end_at_step",
+            "return_with_leftover_noise",
+        ),
+        (),
+        1,
+    ),  # fmt: skip
+    "SaveAnimatedWEBP": (("images", "filename_prefix", "fps", "lossless", "quality", "method"), (), 0),
 }
 
 
@@ -406,17 +472,7 @@ def workflow(
         ]
     pos = g.add("CLIPTextEncode", text=prompt, clip=[ckpt, 1])
     neg = g.add("CLIPTextEncode", text=negative_prompt, clip=[ckpt, 1])
-    hooks = None
-    for index in sorted(frames):
-        lora = g.add("CreateHookLora", lora_name=loras[index], strength_model=1.0, strength_clip=0.0)
-        kf = None
-        for start, strength in frames[index]:
-            extra = {} if kf is None else {"prev_hook_kf": [kf, 0]}
-            kf = g.add("CreateHookKeyframe", strength_mult=strength, start_percent=start, **extra)
-        scheduled = g.add("SetHookKeyframes", hooks=[lora, 0], hook_kf=[kf, 0])
-        hooks = (
-            scheduled if hooks is None else g.add("CombineHooks2", hooks_A=[hooks, 0], hooks_B=[scheduled, 0])
-        )
+    hooks = _hooked(g, loras, frames)
     props = {} if hooks is None else {"hooks": [hooks, 0]}
     pair = g.add(
         "PairConditioningSetProperties",
@@ -446,6 +502,106 @@ def workflow(
     )
     image = g.add("VAEDecode", samples=[samples, 0], vae=[ckpt, 2])
     g.add("SaveImage", images=[image, 0], filename_prefix="tsm")
+    return g.nodes
+
+
+def _hooked(g: _Graph, loras: Sequence[str], frames: Mapping[int, list[tuple[float, float]]]) -> str | None:
+    """One CreateHookLora per LoRA that owns a call, scheduled by its keyframes, combined: the hooks node."""
+    hooks = None
+    for index in sorted(frames):
+        lora = g.add("CreateHookLora", lora_name=loras[index], strength_model=1.0, strength_clip=0.0)
+        kf = None
+        for start, strength in frames[index]:
+            extra = {} if kf is None else {"prev_hook_kf": [kf, 0]}
+            kf = g.add("CreateHookKeyframe", strength_mult=strength, start_percent=start, **extra)
+        scheduled = g.add("SetHookKeyframes", hooks=[lora, 0], hook_kf=[kf, 0])
+        hooks = (
+            scheduled if hooks is None else g.add("CombineHooks2", hooks_A=[hooks, 0], hooks_B=[scheduled, 0])
+        )
+    return hooks
+
+
+# the files of Comfy-Org/Wan_2.2_ComfyUI_Repackaged, the names ComfyUI's Wan 2.2 templates load
+WAN22_FILES = {
+    "high": "wan2.2_t2v_high_noise_14B_fp16.safetensors",
+    "low": "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+    "clip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    "vae": "wan_2.1_vae.safetensors",
+}
+
+
+def wan22_switch(
+    shift: float, steps: int, boundary: float, num_timesteps: int = 1000
+) -> tuple[list[float], int]:
+    """(sigmas, switch): the schedule KSamplerAdvanced runs (ModelSamplingSD3 ``shift``, euler / simple, ``steps``)
+    and the first step whose t = sigma * T is below ``boundary``: steps before it are the high-noise model's,
+    as WanPipeline switches (t >= boundary -> ``transformer``)."""
+    sigmas = comfy_sigmas({"kind": "flow", "shift": shift}, "simple", steps)
+    t = step_timesteps({"kind": "flow", "shift": shift}, sigmas, num_timesteps)
+    return sigmas, next((k for k, tk in enumerate(t) if tk < boundary), steps)
+
+
+def wan22_workflow(
+    loras: Mapping[str, Sequence[str]],
+    scales: Mapping[str, Scale],
+    boundary: float,
+    shift: float,
+    num_timesteps: int = 1000,
+    files: Mapping[str, str] = WAN22_FILES,
+    prompt: str = "",
+    negative_prompt: str = "",
+    steps: int = 50,
+    cfg: float = 5.0,
+    width: int = 480,
+    height: int = 480,
+    length: int = 81,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """ComfyUI's two-sampler Wan 2.2 graph: KSamplerAdvanced on the high-noise model for steps [0, switch), on
+    the low-noise model for [switch, steps) (`wan22_switch`), each model with its own LoRAs: ``loras["high"]`` /
+    ``loras["low"]`` (lowest t first) over the intervals of ``scales["high"]`` / ``scales["low"]`` (tsm's
+    ``transformer`` / ``transformer_2`` experts). One LoRA on a side: LoraLoaderModelOnly; several: hook LoRAs
+    on that sampler's conditioning, keyframed per call as `step_keyframes` places them for its calls."""
+    sampling = {"kind": "flow", "shift": shift}
+    sigmas, switch = wan22_switch(shift, steps, boundary, num_timesteps)
+    t = torch.tensor(step_timesteps(sampling, sigmas, num_timesteps))  # (steps,)
+    g = _Graph()
+    clip = g.add("CLIPLoader", clip_name=files["clip"], type="wan")
+    vae = g.add("VAELoader", vae_name=files["vae"])
+    pos = g.add("CLIPTextEncode", text=prompt, clip=[clip, 0])
+    neg = g.add("CLIPTextEncode", text=negative_prompt, clip=[clip, 0])
+    latent = [g.add("EmptyHunyuanLatentVideo", width=width, height=height, length=length, batch_size=1), 0]
+    for side, (lo, hi) in (("high", (0, switch)), ("low", (switch, steps))):
+        model = [g.add("UNETLoader", unet_name=files[side], weight_dtype="default"), 0]
+        model = [
+            g.add("ModelSamplingSD3", model=model, shift=shift),
+            0,
+        ]  # the shift the switch was placed for
+        positive, negative = [pos, 0], [neg, 0]
+        names = list(loras.get(side, ()))
+        if len(names) == 1:
+            model = [g.add("LoraLoaderModelOnly", model=model, lora_name=names[0], strength_model=1.0), 0]
+        elif names and hi > lo:
+            owners = expert_index(t[lo:hi], scales[side], num_timesteps).tolist()
+            hooks = _hooked(g, names, step_keyframes(owners, sigmas[lo : hi + 1], sampling))
+            pair = g.add(
+                "PairConditioningSetProperties", positive_NEW=positive, negative_NEW=negative, strength=1.0,
+                set_cond_area="default", hooks=[hooks, 0],
+            )  # fmt: skip
+            positive, negative = [pair, 0], [pair, 1]
+        latent = [
+            g.add(
+                "KSamplerAdvanced", model=model, add_noise="enable" if side == "high" else "disable",
+                noise_seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="simple",
+                positive=positive, negative=negative, latent_image=latent, start_at_step=lo,
+                end_at_step=hi if side == "high" else 10000,
+                return_with_leftover_noise="enable" if side == "high" else "disable",
+            ),
+            0,
+        ]  # fmt: skip
+    images = g.add("VAEDecode", samples=latent, vae=[vae, 0])
+    g.add("SaveAnimatedWEBP", images=[images, 0], filename_prefix="tsm", fps=16.0, lossless=False, quality=90,
+          method="default")  # fmt: skip
     return g.nodes
 
 

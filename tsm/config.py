@@ -37,6 +37,9 @@ class ModelConfig:
     path: str = ""  # hub id or local folder in diffusers layout (model_index.json + subfolders); digits: "" = built-in
     revision: str | None = None  # hub revision
     prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction); flow for sd3
+    # the denoisers' frozen weights stored in float8_e4m3fn | float8_e5m2, each layer computing in
+    # train.mixed_precision's dtype (diffusers' enable_layerwise_casting); None: stored in that dtype
+    storage_dtype: str | None = None
 
 
 @dataclass
@@ -147,8 +150,19 @@ class GlanceConfig:
 @dataclass
 class TrainConfig:
     method: str = "foster"  # lora (plain LoRA, n=1) | foster | assemble | distill | glance
-    experts_from: str | None = None  # assemble: the fostered checkpoint (a run dir or experts .safetensors)
+    # assemble: the fostered checkpoint (a run dir or experts .safetensors); lora/foster: a LoRA every expert
+    # starts from (Wan 2.2: a folder holding <name>_high_noise / <name>_low_noise.safetensors, one per transformer)
+    experts_from: str | None = None
     only_expert: list[int] | None = None  # foster a single expert [scale, index], as the paper ran them
+    # Wan 2.2 (two transformers): train the experts of one of them, high | low; the joint run's draws, the
+    # other side's samples left out (null: both in one run)
+    only_transformer: str | None = None
+    # Wan 2.2: the share of each step's samples drawn at t >= the boundary (the high-noise transformer's), the
+    # objective's density inside each side (null: the objective's density over [0, T), no share fixed)
+    high_noise_fraction: float | None = None
+    # Wan 2.2: only the transformer a forward runs keeps its frozen weights on the device, the other waits on
+    # the CPU (each step's batch is ordered high-noise first, so a switch is rare)
+    offload_inactive: bool = False
     # foster: the first round(fraction x steps) steps train one LoRA on every t (expert s0_i0, all samples
     # routed to it), then it is copied into every expert and each specialises on its interval (0: off)
     warm_start_fraction: float = 0.0
@@ -351,6 +365,21 @@ def validate(cfg: Config) -> None:
         raise TsmError("train.assemble_steps needs a context expert: experts.scales such as [4, 1]")
     if cfg.train.assemble_steps and cfg.train.method == "glance" and not cfg.glance.router:
         raise TsmError("train.assemble_steps needs glance.router=true (a context expert to route)")
+    if cfg.model.storage_dtype not in (None, "float8_e4m3fn", "float8_e5m2"):
+        raise TsmError(
+            f"model.storage_dtype must be float8_e4m3fn, float8_e5m2 or null, got {cfg.model.storage_dtype!r}"
+        )
+    if cfg.train.only_transformer not in (None, "high", "low"):
+        raise TsmError(
+            f"train.only_transformer must be high, low or null (both), got {cfg.train.only_transformer!r}"
+        )
+    frac = cfg.train.high_noise_fraction
+    if frac is not None and not 0 < frac < 1:
+        side = "high-noise" if frac is not None and frac <= 0 else "low-noise"
+        raise TsmError(
+            f"train.high_noise_fraction must be in (0, 1): {frac} leaves the {side} transformer no samples "
+            "(train.only_transformer trains one side)"
+        )
     if cfg.train.only_expert is not None and len(cfg.train.only_expert) != 2:
         raise TsmError(f"train.only_expert must be [scale, index], got {cfg.train.only_expert!r}")
     tc = cfg.train

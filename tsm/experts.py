@@ -260,6 +260,8 @@ class ExpertLayer(nn.Module):
             )
         key = state.merge_key
         merge = not self.training and not torch.is_grad_enabled() and key is not None and not self.symmetric
+        # a float8-stored base (model.storage_dtype) would round the expert away: it adds on the side
+        merge = merge and self.base_layer.weight.element_size() > 1
         if merge:
             self._merge(key)  # autograd is off here (merge requires it)
         elif self.merged is not None:

@@ -122,11 +122,25 @@ def expert_state(model: nn.Module) -> dict[str, nn.Parameter]:
     return state
 
 
-def save(model: nn.Module, path: PathLike) -> Path:
-    """Write the model's experts and routers to ``path`` (safetensors), with the spec and stage as metadata."""
+def save(model: nn.Module, path: PathLike, component: str | None = None) -> Path:
+    """Write the model's experts and routers to ``path`` (safetensors), with the spec and stage as metadata;
+    ``component``: the pipeline part the model is (``transformer_2``...), checked by `load`."""
     routing = get_routing(model)
     metadata = {"tsm_format": FORMAT, "tsm_spec": routing.spec.to_json(), "tsm_stage": routing.stage}
+    if component is not None:
+        metadata["tsm_component"] = component
     return _atomic_save(expert_state(model), path, metadata)
+
+
+def check_component(metadata: Mapping[str, str], component: str | None, path: PathLike) -> None:
+    """Refuse a file written for another pipeline part (Wan 2.2's ``transformer`` vs ``transformer_2``: the
+    same layers, so shapes alone would not tell)."""
+    written = metadata.get("tsm_component")
+    if component is not None and written is not None and written != component:
+        raise TsmError(
+            f"{path} holds the experts of {written}, not {component} (Wan 2.2: transformer is the high-noise, "
+            f"transformer_2 the low-noise model); pass the {component} file"
+        )
 
 
 def _spec_diff(
@@ -137,7 +151,9 @@ def _spec_diff(
     return [f"{k} {a[k]} != {b[k]}" for k in a if k not in ignored and a[k] != b.get(k)]
 
 
-def load(model: nn.Module, path: PathLike, experts_only: bool = False) -> dict[str, str]:
+def load(
+    model: nn.Module, path: PathLike, experts_only: bool = False, component: str | None = None
+) -> dict[str, str]:
     """Load a checkpoint written by `save` into a model that has the same experts; returns the metadata.
 
     The model's stage is left as it is (the file's stage is ``metadata["tsm_stage"]``): loading a fostered
@@ -146,6 +162,7 @@ def load(model: nn.Module, path: PathLike, experts_only: bool = False) -> dict[s
     """
     routing = get_routing(model)
     metadata, tensors = _open(path, read_tensors=True)
+    check_component(metadata, component, path)
     if "tsm_format" not in metadata:
         _spec_of(metadata, path)  # raises the "not a tsm checkpoint" error
         raise TsmError(f"{path} is an expert exported as a LoRA, not a checkpoint; use tsm.import_lora")
@@ -520,6 +537,7 @@ def import_lora(
     scale: int | None = None,
     index: int | None = None,
     prefix: str | None = None,
+    component: str | None = None,
 ) -> dict[str, list[str]]:
     """Start experts from an existing LoRA (a dict of tensors, or a safetensors path); returns a summary.
 
@@ -528,11 +546,21 @@ def import_lora(
     (``unet.``...) are stripped. B is rescaled so that each expert's s * B A equals the source's
     (alpha / r) * B A (no alpha: 1.0, the diffusers convention). All experts get the LoRA by default, or the
     experts of ``scale``, or the one expert (``scale``, ``index``). Our layers that the LoRA does not cover
-    are left as they are and listed under "missing"; the ones set are under "loaded".
+    are left as they are and listed under "missing"; the ones set are under "loaded". Wan LoRAs in Wan's
+    original names (``diffusion_model.blocks.N.self_attn.q.lora_A.weight``: ai-toolkit's files, ComfyUI's;
+    ``lora_unet_blocks_N_self_attn_q.lora_down.weight``: musubi-tuner's) are converted with diffusers' own
+    ``WanPipeline.lora_state_dict``. ``component``: the pipeline part ``model`` is (Wan 2.2: ``transformer`` or
+    ``transformer_2``); a tsm file exported for the other one is refused.
     """
     spec = get_routing(model).spec
     keys = _expert_keys(spec, scale, index)
-    tensors = dict(lora) if isinstance(lora, Mapping) else _open(lora, read_tensors=True)[1]
+    if isinstance(lora, Mapping):
+        tensors = dict(lora)
+    else:
+        metadata, tensors = _open(lora, read_tensors=True)
+        check_component(metadata, component, lora)
+    if tensors and all(k.startswith(WAN_HEADS) for k in tensors):  # Wan's original names (ai-toolkit, musubi)
+        tensors = _from_wan(tensors)
     if tensors and all(k.startswith(KOHYA_HEADS) for k in tensors):
         tensors = _from_kohya(tensors)
     names = _strip_component(list(tensors), prefix, model)
@@ -582,6 +610,21 @@ def import_lora(
 
 
 KOHYA_HEADS = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # what diffusers' kohya detection reads
+WAN_HEADS = (
+    "diffusion_model.blocks.",
+    "lora_unet_blocks_",
+)  # Wan's original names: ai-toolkit/ComfyUI, musubi
+
+
+def _from_wan(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Wan LoRA in Wan's original names as diffusers keys (``transformer.blocks.N.attn1.to_q.lora_A.weight``),
+    alpha folded in, by diffusers' converter (``WanPipeline.lora_state_dict``)."""
+    from diffusers import WanPipeline
+
+    try:
+        return dict(WanPipeline.lora_state_dict(dict(tensors)))
+    except (ValueError, KeyError) as e:
+        raise TsmError(f"cannot convert the Wan LoRA: {str(e).strip().splitlines()[0]}") from None
 
 
 def _from_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ RESUMABLE = frozenset(
         "train.overwrite",
         "train.output_dir",  # the run folder moved or copied: it is where we are
         "train.gradient_checkpointing",  # memory against time; the same gradients
+        "train.offload_inactive",  # memory against time; the same computation on the same weights
         "data.num_workers",
         "data.cache_dir",
     }

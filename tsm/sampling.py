@@ -114,7 +114,7 @@ def _size(c: Components, resolution: Resolution, num_frames: int) -> tuple[Resol
 
 def _denoise(c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """The denoiser in its own dtype (a bf16 base under mixed precision); the sampler's state stays float32."""
-    dtype = next(c.denoiser.parameters()).dtype
+    dtype = c.dtype
     return c.family.denoise(c, x.to(dtype), t, cond).float()
 
 
@@ -130,10 +130,13 @@ def sample(
     negative_prompt: str = "",
     progress: bool = True,
     desc: str = "sampling",
+    guidance_scale_2: float | None = None,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] (clips (N, 3, F, H, W) for video), one per (prompt, seed) pair, at
     ``resolution``: a square side, or (height, width). ``progress``: a bar over the steps on stderr, with
-    its ETA, labelled ``desc (N images, S steps)``.
+    its ETA, labelled ``desc (N images, S steps)``. ``guidance_scale_2`` (Wan 2.2, as WanPipeline's): the
+    guidance of the steps below the boundary, the low-noise transformer's (None: ``c.extra``'s
+    ``"guidance_scale_2"`` if set, else ``guidance_scale``).
 
     Each sample's initial noise comes from its own seed, and so does the noise a stochastic scheduler (DDPM
     ancestral) adds at every step: one generator per sample, passed to ``scheduler.step`` as diffusers'
@@ -144,8 +147,8 @@ def sample(
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; pass one seed per prompt")
     if steps < 1:
         raise TsmError(f"sampler steps must be at least 1, got {steps}")
-    family, device = c.family, next(c.denoiser.parameters()).device
-    for m in (c.denoiser, *c.text_encoders.values(), c.vae):
+    family, device = c.family, c.device
+    for m in (*c.modules().values(), c.vae):
         m.eval()
     resolution, shape = _size(c, resolution, num_frames)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -157,19 +160,24 @@ def sample(
     family.set_timesteps(c, steps, resolution, device)
     # flow-matching schedulers start from unit noise and need no input scaling
     latents = torch.stack(noise).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)  # (N, C, [F,] h, w)
-    cfg = guidance_scale > 1.0
+    if guidance_scale_2 is None:
+        guidance_scale_2 = c.extra.get("guidance_scale_2", guidance_scale)
+    boundary = c.extra.get("boundary_timestep", -1.0)  # Wan 2.2: t below it is transformer_2's
     cond = PromptEncoder(c, prompts)
-    uncond = _negative(c, negative_prompt, len(prompts)) if cfg else None
+    uncond = None
+    if max(guidance_scale, guidance_scale_2) > 1.0:
+        uncond = _negative(c, negative_prompt, len(prompts))
     for t in _bar(scheduler.timesteps, len(prompts), desc, progress):
         x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         tt = t.to(device).expand(len(prompts))
-        if cfg:  # one batch of [uncond; cond], as the diffusers pipelines do
+        scale = guidance_scale if float(t) >= boundary else guidance_scale_2
+        if scale > 1.0:  # one batch of [uncond; cond], as the diffusers pipelines do
             pos = cond(t)
             neg = uncond(t, pos)
             kw = {k: torch.cat([neg[k], v]) for k, v in pos.items()}
             kw = family.size_conditioning(c, kw, torch.cat([x, x]))  # the sampled size, crop (0, 0)
             pred_u, pred_c = _denoise(c, torch.cat([x, x]), torch.cat([tt, tt]), kw).chunk(2)
-            pred = family.guide(pred_u, pred_c, guidance_scale)
+            pred = family.guide(pred_u, pred_c, scale)
         else:
             pred = _denoise(c, x, tt, family.size_conditioning(c, cond(t), x))
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
@@ -226,8 +234,8 @@ def sample_timesteps_list(
     (DMD2); otherwise the path is deterministic (DDIM / Euler). ``progress`` and ``desc``: as `sample`'s.
     """
     prompts, seeds = list(prompts), list(seeds)
-    family, device, objective = c.family, next(c.denoiser.parameters()).device, c.objective
-    for m in (c.denoiser, *c.text_encoders.values(), c.vae):
+    family, device, objective = c.family, c.device, c.objective
+    for m in (*c.modules().values(), c.vae):
         m.eval()
     _, shape = _size(c, resolution, num_frames)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -19,6 +19,7 @@ from torch import nn
 
 from tsm.errors import TsmError
 from tsm.objectives import DDPMObjective, FlowMatchingObjective
+from tsm.spec import ExpertSpec
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -40,6 +41,16 @@ class Components:
     def modules(self) -> dict[str, nn.Module]:
         """The denoiser (under its subfolder name) and the text encoders: every module that can get experts."""
         return {self.family.denoiser_subfolder: self.denoiser, **self.text_encoders}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser computes (``extra["offload"]``: where its weights come for a call)."""
+        return self.extra.get("offload") or next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's compute dtype (``extra["compute_dtype"]`` when its weights are stored in float8)."""
+        return self.extra.get("compute_dtype") or next(self.denoiser.parameters()).dtype
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
         """Move everything to ``device``; cast the denoiser and text encoders (not the VAE) to ``dtype``."""
@@ -191,6 +202,18 @@ class Family:
         self, c: Components, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         return c.denoiser(x, t, **cond).sample
+
+    def denoiser_parts(self, c: Components, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Which denoiser (by `Components.modules` name) `denoise` runs for each sample of timesteps ``t`` (B,):
+        {name: (B,) bool}. One denoiser here; Wan 2.2 has a high-noise and a low-noise transformer."""
+        return {self.denoiser_subfolder: torch.ones(t.shape, dtype=torch.bool, device=t.device)}
+
+    def part_specs(self, c: Components, spec: ExpertSpec) -> dict[str, ExpertSpec]:
+        """The experts of each denoiser of `denoiser_parts`, given the config's ``spec`` over [0, T)."""
+        return {self.denoiser_subfolder: spec}
+
+    # what logs and file names call each denoiser of `denoiser_parts` (default: its module name)
+    part_labels: dict[str, str] = {}
 
     def guide(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float) -> torch.Tensor:
         """Classifier-free guidance (Ho & Salimans 2022): the model's pipelines may combine differently."""

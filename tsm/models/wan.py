@@ -8,10 +8,12 @@ whole clips (B, 3, F, H, W) with F = 4k + 1 (the VAE keeps the first frame and c
 time), decoded as a whole clip. Training draws t from FlowMatchEulerDiscreteScheduler's table shifted by
 the same ``flow_shift``.
 
-Wan 2.2's two-transformer folders (``transformer/`` for t >= boundary_ratio * T, ``transformer_2/`` below,
-``boundary_ratio`` in model_index.json) load too: `Wan.denoise` sends each sample to the transformer of its
-t, as WanPipeline does per step, and `two_stage_specs` gives each transformer experts over its own range.
-``tsm train`` / ``tsm sample`` attach experts to ``transformer`` only, so they refuse such folders.
+Wan 2.2 A14B's two-transformer folders (``transformer/`` for t >= boundary_ratio * T, ``transformer_2/`` below,
+``boundary_ratio`` in model_index.json) load as one model: `WanComponents.modules` holds both transformers,
+`Wan.denoise` sends each sample to the transformer of its t, as WanPipeline does per step, `Wan.denoiser_parts`
+tells the training loop which transformer each sample went to, and `two_stage_specs` gives each transformer
+experts over its own range (what `tsm train` attaches). Refused in one line: TI2V-5B (``expand_timesteps``)
+and the image-to-video pipelines (the first frame's latents as extra input channels and an image encoder).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tsm.errors import TsmError
-from tsm.inject import ATTR
+from tsm.inject import ATTR, expert_layers
 from tsm.intervals import Scale
 from tsm.models.base import Components, _load
 from tsm.models.flow import FlowFamily
@@ -35,16 +38,50 @@ from tsm.spec import ExpertSpec
 
 @dataclass
 class WanComponents(Components):
-    """Components whose `to` also moves Wan 2.2's low-noise ``transformer_2`` (kept in ``extra``)."""
+    """Components of a Wan folder; Wan 2.2's low-noise ``transformer_2`` (kept in ``extra``) is one of the
+    `modules`, so experts, checkpoints, optimizers and `to` cover both transformers.
+
+    ``extra["offload"]`` (a device, set by ``train.offload_inactive``): only the transformer a call runs keeps
+    its frozen base weights there, the other one's wait on the CPU (its experts stay: they are small, and the
+    optimizer keeps their state on the device)."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        low = self.extra.get("transformer_2")
+        modules = super().modules()
+        return {**modules, "transformer_2": low} if low is not None else modules
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> WanComponents:
-        super().to(device, dtype)
-        low = self.extra.get("transformer_2")
-        if low is not None:
-            low.to(device)
-            if dtype is not None:
-                low.to(dtype)
+        """As `Components.to`; with ``extra["offload"]`` both transformers' base weights are cast on the CPU and
+        stay there (a call brings its transformer's over), their experts go to ``device``."""
+        if "offload" not in self.extra:
+            return super().to(device, dtype)
+        device = torch.device(device)
+        self.extra["offload"] = device
+        self.vae.to(device)
+        for m in self.modules().values():
+            if dtype is not None and dtype != next(m.parameters()).dtype:
+                m.to(dtype)
+            if m is self.denoiser or m is self.extra.get("transformer_2"):
+                park(m, torch.device("cpu"), experts=device)
+            else:
+                m.to(device)
         return self
+
+
+def park(model: nn.Module, device: torch.device, experts: torch.device | None = None) -> None:
+    """Move ``model``'s frozen base weights and buffers to ``device``; its experts and routers stay where they
+    are (the optimizer's state sits next to them), or go to ``experts``."""
+    adapters = {id(p) for _, layer in expert_layers(model) for p in layer.parameters()}
+    adapters -= {id(p) for _, layer in expert_layers(model) for p in layer.base_layer.parameters()}
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                to = (experts or p.device) if id(p) in adapters else device
+                if p.device != to:
+                    p.data = p.data.to(to)
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.device != device:
+                    module._buffers[name] = buf.to(device)
 
 
 @register
@@ -79,14 +116,30 @@ class Wan(FlowFamily):
         c = super().load(path, revision, None, objective)
         c = WanComponents(**{f: getattr(c, f) for f in c.__dataclass_fields__})
         index = _pipeline_config(path, revision)
+        pipeline = index.get("_class_name", "WanPipeline")
         if index.get("expand_timesteps"):
             raise TsmError(
-                f"{path} is a Wan 2.2 TI2V model (expand_timesteps: per-token timesteps); tsm's wan family "
-                "supports the T2V models (Wan 2.1, Wan 2.2 A14B)"
+                f"{path} is a Wan 2.2 TI2V model (expand_timesteps: one timestep per token, the conditioning "
+                "frame's at t = 0); tsm's wan family does not build those per-token timesteps yet: it trains "
+                "and samples the T2V models (Wan 2.1, Wan 2.2 A14B)"
+            )
+        in_ch, out_ch = c.denoiser.config.in_channels, c.denoiser.config.out_channels
+        if pipeline != "WanPipeline" or in_ch != out_ch:
+            raise TsmError(
+                f"{path} is a {pipeline} model (transformer in_channels {in_ch}, out {out_ch}): image-to-video "
+                "needs the first frame's VAE latents and mask as extra input channels, which tsm's wan family "
+                "does not build yet; it trains the text-to-video WanPipeline models (Wan 2.1, Wan 2.2 A14B)"
             )
         ratio = index.get("boundary_ratio")
-        has_low = index.get("transformer_2", [None])[0] is not None or (Path(path) / "transformer_2").is_dir()
-        if ratio is not None and has_low:
+        has_low = (index.get("transformer_2") or [None])[0] is not None or (
+            Path(path) / "transformer_2"
+        ).is_dir()
+        if has_low and ratio is None:
+            raise TsmError(
+                f"{path} has a transformer_2 but no boundary_ratio in model_index.json, so nothing says which "
+                'transformer denoises which t: add "boundary_ratio": 0.875 (Wan 2.2 T2V A14B; 0.9 for I2V)'
+            )
+        if has_low:
             low = _load(diffusers.WanTransformer3DModel, path, "transformer_2", revision)
             low.requires_grad_(False)
             low.eval()
@@ -159,28 +212,79 @@ class Wan(FlowFamily):
         """Velocity (B, C, f, h, w). Wan 2.2: samples with t >= boundary go to ``transformer``, the others to
         ``transformer_2`` (WanPipeline's switch, per sample here so a training batch may mix them)."""
         t = t.expand(x.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
-        low = c.extra.get("transformer_2")
-        if low is None:
-            return self._call(c.denoiser, x, t, cond)
-        high = t >= c.extra["boundary_timestep"]  # (B,) bool
-        for part, model in (("transformer", c.denoiser), ("transformer_2", low)):
-            if getattr(model, ATTR, None) is None and any(
-                getattr(m, ATTR, None) is not None for m in (c.denoiser, low)
-            ):
-                raise TsmError(
-                    f"this Wan 2.2 model has experts on one transformer only ({part} has none): attach experts "
-                    "to both with tsm.models.wan.two_stage_specs (tsm train does not do this yet)"
-                )
-        if bool(high.all()) or not bool(high.any()):  # one model for the whole batch (always when sampling)
-            return self._call(c.denoiser if bool(high.all()) else low, x, t, cond)
-        out = torch.empty_like(x)
-        for rows, model in ((high, c.denoiser), (~high, low)):
-            out[rows] = self._call(model, x[rows], t[rows], {k: v[rows] for k, v in cond.items()})
+        parts = self.denoiser_parts(c, t)
+        modules = c.modules()
+        if len(parts) == 1:
+            return self._call(c, modules[next(iter(parts))], x, t, cond)
+        out = None
+        for name, rows in parts.items():
+            if not bool(rows.any()):
+                continue
+            if bool(rows.all()):  # one model for the whole batch (always when sampling)
+                return self._call(c, modules[name], x, t, cond)
+            # a batch of both sides (training): each transformer on its rows, both resident for the backward
+            y = self._call_rows(c, modules[name], x, t, cond, rows)
+            if out is None:
+                out = torch.empty(x.shape[:1] + y.shape[1:], dtype=y.dtype, device=y.device)
+            out[rows] = y
         return out
 
-    def _call(
-        self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    def denoiser_parts(self, c: Components, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Wan 2.2: {"transformer": t >= boundary, "transformer_2": t < boundary}, each (B,) bool."""
+        if "transformer_2" not in c.extra:
+            return super().denoiser_parts(c, t)
+        high = t >= c.extra["boundary_timestep"]  # (B,) bool
+        return {"transformer": high, "transformer_2": ~high}
+
+    def part_specs(self, c: Components, spec: ExpertSpec) -> dict[str, ExpertSpec]:
+        """Wan 2.2: ``spec``'s scales laid over each transformer's own range (`two_stage_specs`)."""
+        if "transformer_2" not in c.extra:
+            return super().part_specs(c, spec)
+        return two_stage_specs(spec, c.extra["boundary_timestep"])
+
+    part_labels = {"transformer": "high_noise", "transformer_2": "low_noise"}
+
+    def _call_rows(
+        self,
+        c: Components,
+        model: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        rows: torch.Tensor,
     ) -> torch.Tensor:
+        """``model`` on the samples ``rows`` (B,) bool. The per-sample settings a training loop put on its
+        routing for the whole batch (the scale each sample fosters, the shared expert's factor) are cut to
+        those rows for the call: the routing reads them in the model's pre-hook."""
+        routing = getattr(model, ATTR, None)
+        saved = (routing.foster_scales, routing.shared_grad_scale) if routing is not None else None
+        if routing is not None:
+            routing.foster_scales, routing.shared_grad_scale = (_rows_of(v, rows) for v in saved)
+        try:
+            kw = {k: v[rows] for k, v in cond.items()}
+            return self._call(c, model, x[rows], t[rows], kw, keep_others=True)
+        finally:
+            if routing is not None:
+                routing.foster_scales, routing.shared_grad_scale = saved
+
+    def _call(
+        self,
+        c: Components,
+        model: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        keep_others: bool = False,
+    ) -> torch.Tensor:
+        """``model``'s velocity. ``train.offload_inactive``: its base weights come to the device and (unless
+        ``keep_others``: a batch with samples of both, whose backward needs both) the other's go to the CPU."""
+        device = c.extra.get("offload")
+        if device is not None:
+            if not keep_others:
+                for other in (c.denoiser, c.extra.get("transformer_2")):
+                    if other is not None and other is not model:
+                        park(other, torch.device("cpu"))
+            park(model, device)
         return model(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
 
     # --- latents: whole clips through the 3D causal VAE, per-channel mean/std normalisation -------------
@@ -188,9 +292,11 @@ class Wan(FlowFamily):
         """Latent frames of a clip of ``num_frames`` (4k + 1) frames: the first alone, then 4 per latent."""
         k = c.vae.config.scale_factor_temporal
         if num_frames < 1 or (num_frames - 1) % k:
+            below = max(num_frames - 1, 0) // k * k + 1
+            near = f"{below} or {below + k}" if num_frames > 1 else f"{below}"
             raise TsmError(
-                f"wan clips need num_frames = {k}k + 1 (1, {k + 1}, {2 * k + 1}, ..., 81), got {num_frames}; "
-                "set data.num_frames"
+                f"wan clips need num_frames = {k}k + 1 (1, {k + 1}, {2 * k + 1}, ..., 81: the VAE keeps the first "
+                f"frame and packs {k} per latent frame), got {num_frames}; set data.num_frames={near}"
             )
         return (num_frames - 1) // k + 1
 
@@ -221,6 +327,13 @@ class Wan(FlowFamily):
         mean, std = self._stats(c, latents)
         z = latents * std + mean
         return c.vae.decode(z.to(c.vae.dtype)).sample.clamp(-1, 1)
+
+
+def _rows_of(value: Any, rows: torch.Tensor) -> Any:
+    """A per-sample tensor (B,) cut to ``rows``; anything else (None, one int for the batch) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == rows.numel():
+        return value[rows.to(value.device)]
+    return value
 
 
 def _pipeline_config(path: str, revision: str | None) -> dict[str, Any]:

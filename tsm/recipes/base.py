@@ -118,7 +118,7 @@ def weight_dtype(cfg: Config) -> torch.dtype:
 
 def autocast(c: Components, dtype: torch.dtype | None) -> Any:
     """Mixed precision on the denoiser's device (``dtype`` None or float32: off)."""
-    where = next(c.denoiser.parameters()).device
+    where = c.device
     return torch.autocast(where.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
 
 
@@ -209,8 +209,12 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.c, self.cache = c, cache
         self.denoiser = c.denoiser  # registered: DDP finds the adapters through these attributes
+        # the text encoders with experts, and any other denoiser with experts (Wan 2.2's transformer_2)
         self.text_encoders = nn.ModuleDict(
-            {k: m for k, m in expert_modules(c).items() if k != c.family.denoiser_subfolder}
+            {k: m for k, m in expert_modules(c).items() if k in c.text_encoders}
+        )
+        self.other_denoisers = nn.ModuleDict(
+            {k: m for k, m in expert_modules(c).items() if k not in c.text_encoders and m is not c.denoiser}
         )
 
     def forward(
@@ -228,7 +232,7 @@ class DiffusionLoss(nn.Module):
         # per image, not per caption: added after the text cache
         cond = c.family.size_conditioning(c, self.encode(captions), x0, original_sizes, crop_top_lefts)
         noisy = c.objective.noisy(x0, noise, t)
-        pred = c.family.denoise(c, noisy.to(c.denoiser.dtype), t, cond)
+        pred = c.family.denoise(c, noisy.to(c.dtype), t, cond)
         return c.objective.loss(pred, x0, noise, t)  # (B,)
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -240,7 +244,7 @@ class DiffusionLoss(nn.Module):
         c = self.c
         if self.cache is None or len(self.text_encoders):
             return c.family.encode_prompt(c, captions)
-        model_id = f"{c.model_id}:{c.family.name}:{next(c.denoiser.parameters()).dtype}"
+        model_id = f"{c.model_id}:{c.family.name}:{c.dtype}"
         keys = [text_cache_tag(caption, None, model_id) for caption in captions]
         found = {k: self.cache.get(k, "text") for k in dict.fromkeys(keys)}  # each caption once
         missing = [k for k, e in found.items() if e is None]
@@ -252,5 +256,5 @@ class DiffusionLoss(nn.Module):
                 # clone: a row view would keep (and write) the whole batch's storage
                 found[k] = self.cache.put(k, "text", {n: v[row].cpu().clone() for n, v in cond.items()})
         entries = [found[k] for k in keys]
-        device = next(c.denoiser.parameters()).device
+        device = c.device
         return {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}

@@ -51,6 +51,9 @@ class LoraFosterRecipe(Recipe):
         tc = cfg.train
         if tc.method == "assemble":
             load_fostered(c, Path(tc.experts_from))
+        elif tc.experts_from:  # warm start: every expert begins as the given LoRA (a Wan 2.2 pair: per side)
+            for line in import_warm_start(c, Path(tc.experts_from)):
+                acc.print(line)
         # joint assembling: set_stage froze the experts; they train on (in their own param group, see
         # expert_groups), switched on before `prepare`: DDP registers the parameters that train when it wraps
         self.joint = tc.method == "assemble" and tc.assemble_experts_lr is not None
@@ -58,6 +61,11 @@ class LoraFosterRecipe(Recipe):
             for module in expert_modules(c).values():
                 for p in expert_weights(module):
                     p.requires_grad_(True)
+        # the denoisers (Wan 2.2: high- and low-noise transformer), in the order a step's batch is grouped by
+        self.parts = list(c.family.denoiser_parts(c, torch.zeros(1)))
+        self.trained_parts = [n for n in self.parts if n in expert_modules(c)]
+        self.only = tc.only_transformer
+        self.check_parts(acc.num_processes)
         # warm start: steps 0 .. warm_steps - 1 train expert WARM alone on every t (see `begin`)
         self.warm_steps = round(tc.warm_start_fraction * tc.steps) if tc.method == "foster" else 0
         self.warm_hooks: list[Any] = []
@@ -80,6 +88,75 @@ class LoraFosterRecipe(Recipe):
             dataset, cfg, self.batch, self.micro, self.local, acc.process_index, self.total_steps()
         )
         self.batches: Any = None
+        if len(self.parts) > 1:
+            self.check_both_sides()
+
+    def check_parts(self, world: int) -> None:
+        """What a two-denoiser run (Wan 2.2) cannot combine with, refused in one line before anything runs."""
+        tc = self.cfg.train
+        if len(self.parts) == 1:
+            if tc.high_noise_fraction is not None:
+                raise TsmError(
+                    "train.high_noise_fraction splits samples between Wan 2.2's two transformers; this model has "
+                    "one denoiser: leave it unset (objective.weighting shapes the timestep density)"
+                )
+            return
+        for key, value in (
+            ("only_expert", tc.only_expert),
+            ("batch_per_expert", tc.batch_per_expert or None),
+            ("warm_start_fraction", tc.warm_start_fraction or None),
+        ):
+            if value is not None:
+                raise TsmError(
+                    f"train.{key} is not available with Wan 2.2's two transformers yet; unset it (the experts "
+                    "of each transformer share its samples; train.only_transformer trains one side)"
+                )
+        if self.only is not None and world > 1:
+            raise TsmError(
+                "train.only_transformer runs in one process (the other side's samples are left out of each "
+                "micro-batch); run it without torchrun/accelerate, or train both sides in one run"
+            )
+
+    def check_both_sides(self) -> None:
+        """A transformer with experts that no sample of the whole run reaches would train nothing: say which
+        side got none before the first step (the draws are the run's own: seeded by step)."""
+        c, tc = self.c, self.cfg.train
+        seen: set[str] = set()
+        for step in range(self.total_steps()):
+            t = self.draw_t(step_generator(tc.seed, step))
+            seen |= {n for n, rows in c.family.denoiser_parts(c, t).items() if bool(rows.any())}
+            if seen >= set(self.trained_parts):
+                return
+        missing = [n for n in self.trained_parts if n not in seen]
+        label = c.family.part_labels.get(missing[0], missing[0]).replace("_", "-")
+        b = c.extra["boundary_timestep"]
+        side = f"t >= {b:g}" if missing[0] == self.parts[0] else f"t < {b:g}"
+        raise TsmError(
+            f"no training sample of the {self.total_steps()} steps x {self.batch} samples falls at {side}, so "
+            f"the {label} transformer ({missing[0]}) would train nothing; set train.high_noise_fraction "
+            "(e.g. 0.5), more steps or a larger batch"
+        )
+
+    def draw_t(self, g: torch.Generator) -> torch.Tensor:
+        """The global batch's timesteps (B,): the objective's density over [0, T), or with
+        ``train.high_noise_fraction`` that share of them at t >= the boundary (the density inside each side).
+        Two denoisers: ordered by the denoiser that takes them, high-noise first (`train.offload_inactive` then
+        switches transformers at most once per step)."""
+        c, frac = self.c, self.cfg.train.high_noise_fraction
+        if frac is None:
+            t = c.objective.sample_t(self.batch, g)
+        else:
+            n_high = min(max(round(frac * self.batch), 1), self.batch - 1)
+            cut = (c.extra["boundary_timestep"],)  # one cut point: interval 1 is [boundary, T]
+            t = torch.cat(
+                [
+                    c.objective.sample_t(n_high, g, expert=(cut, 1)),
+                    c.objective.sample_t(self.batch - n_high, g, expert=(cut, 0)),
+                ]
+            )
+        if len(self.parts) > 1:
+            t = t[torch.argsort(self.part_of(t), stable=True)]
+        return t
 
     def expert_groups(self) -> list[dict[str, Any]]:
         """Joint assembling: the experts' param groups at ``train.assemble_experts_lr`` (each module's weight
@@ -88,7 +165,7 @@ class LoraFosterRecipe(Recipe):
             return []
         o, groups = self.cfg.optim, []
         for name, module in expert_modules(self.c).items():
-            text = name != self.c.family.denoiser_subfolder
+            text = name in self.c.text_encoders
             wd = o.text_weight_decay if text and o.text_weight_decay is not None else o.weight_decay
             lr = self.cfg.train.assemble_experts_lr
             groups.append({"params": expert_weights(module), "lr": lr, "weight_decay": wd})
@@ -137,7 +214,12 @@ class LoraFosterRecipe(Recipe):
     def global_batch(self) -> int:
         """Samples per step over all processes: ``batch_size``, or per expert with ``batch_per_expert``."""
         n = self.cfg.train.batch_size
-        return n * sum(get_routing(self.c.denoiser).spec.experts_per_scale) if self.per_expert else n
+        return n * sum(self.routing.spec.experts_per_scale) if self.per_expert else n
+
+    @property
+    def routing(self) -> Any:
+        """The routing of the first denoiser with experts (every denoiser has the same number of scales)."""
+        return get_routing(expert_modules(self.c)[self.trained_parts[0]])
 
     # --- draws -----------------------------------------------------------------------------------------
     def draws(self, step: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -145,7 +227,7 @@ class LoraFosterRecipe(Recipe):
         for the rest (noise, dropout): the same on every process."""
         cfg, c = self.cfg, self.c
         g = step_generator(cfg.train.seed, step)
-        spec = get_routing(c.denoiser).spec
+        spec = self.routing.spec
         m = len(spec.scales)
         only = cfg.train.only_expert
         if cfg.train.method == "foster" and only is not None:
@@ -164,24 +246,45 @@ class LoraFosterRecipe(Recipe):
             t = torch.cat([tb for _, tb in blocks])
             scales = torch.cat([torch.full((n,), s) for s, _ in blocks])
         else:
-            t = c.objective.sample_t(self.batch, g)
+            t = self.draw_t(g)
             scales = torch.arange(self.batch) % m  # sample b fosters scale b % m
+        part = self.part_of(t)  # (B,): the denoiser of each sample
         if cfg.train.method == "assemble":
-            # one mixture: the plain mean, also when the experts train on (joint assembling), since the
-            # routers are shared by every t; each expert is still clipped on its own (max_grad_norm)
-            weights = torch.full((self.batch,), 1.0 / self.batch)
+            # one mixture per denoiser: the plain mean of its samples, also when the experts train on (joint
+            # assembling), since the routers are shared by every t; each expert is still clipped on its own
+            ids = part
         else:  # each expert's own mean loss (see tsm.expert_loss_weights)
             ids = self.expert_ids(t, scales)
             if step < self.warm_steps:  # warm start: every sample trains expert WARM, one LoRA
                 ids = torch.full_like(ids, WARM)
-            weights = 1.0 / torch.bincount(ids)[ids].float()
+        valid = ids >= 0  # a denoiser without experts (train.only_transformer): its samples weigh 0
+        counts = torch.bincount(ids[valid], minlength=max(int(ids.max()) + 1, 1)).float()
+        weights = torch.where(valid, 1.0 / counts[ids.clamp(min=0)], 0.0)
+        part_n = torch.bincount(part)[part].float()  # (B,): samples of each sample's denoiser
         seed = int(torch.randint(0, 2**62, (1,), generator=g))
-        return {"t": t, "scales": scales, "weights": weights}, seed
+        return {"t": t, "scales": scales, "weights": weights, "part": part, "part_n": part_n}, seed
+
+    def part_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The index (in ``self.parts``) of the denoiser that takes each sample: (B,) long."""
+        part = torch.zeros(t.shape, dtype=torch.long)
+        for k, rows in enumerate(self.c.family.denoiser_parts(self.c, t).values()):
+            part[rows] = k
+        return part
 
     def expert_ids(self, t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """The loss group of each sample: the global id of the expert it trains (its scale's interval, offset
-        by the scale); with smooth routing one group for the finest scale (`Routing.loss_ids`)."""
-        return get_routing(self.c.denoiser).loss_ids(t, scales)
+        by the scale); with smooth routing one group for the finest scale (`Routing.loss_ids`). Two denoisers:
+        the second's ids follow the first's, so each transformer's experts are means of its own samples; a
+        denoiser without experts (``train.only_transformer``) gives its samples id -1."""
+        ids = torch.full(t.shape, -1, dtype=torch.long)
+        offset, modules = 0, expert_modules(self.c)
+        for name, rows in self.c.family.denoiser_parts(self.c, t).items():
+            if name in modules and bool(rows.any()):
+                routing = get_routing(modules[name])
+                ids[rows] = routing.loss_ids(t[rows], scales[rows]) + offset
+            if name in modules:
+                offset += sum(get_routing(modules[name]).spec.experts_per_scale)
+        return ids
 
     # --- one step --------------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -194,25 +297,36 @@ class LoraFosterRecipe(Recipe):
         draws, seed = self.draws(step)
         torch.manual_seed(seed + acc.process_index)  # dropout inside the model: reproducible on resume
         self.opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, self.num_intervals())  # per finest interval: loss sum, count (global)
+        groups = self.loss_groups()
+        sums = torch.zeros(2, len(groups))  # per loss group (finest interval of each denoiser): sum, count
         for k in range(tc.grad_accum):
             lo = k * self.micro + acc.process_index * self.local  # this process's slice of the global batch
             sl = slice(lo, lo + self.local)
             mine = {key: v[sl] for key, v in draws.items()}
             seeds = [seed + b for b in range(lo, lo + self.local)]  # one generator per sample
+            batch = next(self.batches)
+            if self.only is not None:  # the other transformer's samples are left out (their draws kept)
+                keep = mine["weights"] > 0
+                if not bool(keep.any()):
+                    continue
+                batch, mine, seeds = (
+                    _rows(batch, keep),
+                    {key: v[keep] for key, v in mine.items()},
+                    _rows(seeds, keep),
+                )
             sync = k == tc.grad_accum - 1
-            for m in expert_modules(c).values():  # a shared expert trains on the global batch's plain mean
-                get_routing(m).shared_grad_scale = 1.0 / (self.batch * mine["weights"])
+            for m in expert_modules(c).values():  # a shared expert trains on its denoiser's plain mean
+                get_routing(m).shared_grad_scale = 1.0 / (mine["part_n"] * mine["weights"])
             with acc.no_sync(self.model) if not sync else nullcontext():
-                loss, per_sample = self.micro_step(next(self.batches), mine, seeds)
+                loss, per_sample = self.micro_step(batch, mine, seeds)
                 acc.backward(loss)
-            interval = expert_index(
-                mine["t"], get_routing(c.denoiser).spec.scales[0], c.objective.num_timesteps
-            )
-            sums[0].index_add_(0, interval, per_sample.detach().float().cpu())
-            sums[1].index_add_(0, interval, torch.ones(len(interval)))
+            group = self.loss_group(mine["t"], mine["part"])
+            sums[0].index_add_(0, group, per_sample.detach().float().cpu())
+            sums[1].index_add_(0, group, torch.ones(len(group)))
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
-        total = float(sums[0].sum() / self.batch)
+        # the mean over every sample of the step that trained (train.only_transformer: a step may have none of
+        # its side; then nothing trains, as in the joint run, and the loss is reported as 0)
+        total = float(sums[0].sum() / sums[1].sum()) if sums[1].sum() else 0.0
         if torch.isfinite(torch.tensor(total)):
             if cfg.optim.max_grad_norm is not None:
                 acc.unscale_gradients()  # fp16: clip the true gradients
@@ -223,13 +337,48 @@ class LoraFosterRecipe(Recipe):
             if self.ema is not None:
                 self.ema.step(self.ema_params())
         out = {"loss": total, "lr": self.sched.get_last_lr()[0]}
-        for i, (s, n) in enumerate(sums.T.tolist()):
+        by_part: dict[str, list[float]] = {}
+        for name, (s, n) in zip(groups, sums.T.tolist(), strict=True):
             if n:
-                out[f"loss/interval_{i}"] = s / n  # which expert is under-trained
+                out[name] = s / n  # which expert is under-trained
+            part = name.rsplit("_interval_", 1)[0]
+            if part != "loss/interval" and part not in groups:
+                by_part.setdefault(part, [0.0, 0.0])
+                by_part[part][0] += s
+                by_part[part][1] += n
+        for part, (s, n) in by_part.items():  # each transformer's own mean loss
+            if n:
+                out[part] = s / n
         return out
 
-    def num_intervals(self) -> int:
-        return get_routing(self.c.denoiser).spec.experts_per_scale[0]
+    def loss_groups(self) -> list[str]:
+        """The logged loss curves, one per finest interval: ``loss/interval_i``; two denoisers
+        ``loss/high_noise`` (one interval) or ``loss/high_noise_interval_i``, and likewise for low_noise."""
+        modules, names = expert_modules(self.c), []
+        for name in self.parts:
+            routing = get_routing(modules[name]) if name in modules else None
+            n = routing.spec.experts_per_scale[0] if routing is not None else 1
+            if len(self.parts) == 1:
+                names += [f"loss/interval_{i}" for i in range(n)]
+            else:
+                label = f"loss/{self.c.family.part_labels.get(name, name)}"
+                names += [label] if n == 1 else [f"{label}_interval_{i}" for i in range(n)]
+        return names
+
+    def loss_group(self, t: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """The index in `loss_groups` of each sample: its denoiser's finest interval of its t. (B,) long."""
+        modules, group, offset = expert_modules(self.c), torch.zeros(t.shape, dtype=torch.long), 0
+        for k, name in enumerate(self.parts):
+            rows = part == k
+            if name not in modules:
+                group[rows] = offset
+                offset += 1
+                continue
+            spec = get_routing(modules[name]).spec
+            if bool(rows.any()):
+                group[rows] = expert_index(t[rows], spec.scales[0], spec.num_timesteps) + offset
+            offset += spec.experts_per_scale[0]
+        return group
 
     def micro_step(self, batch: dict, draws: dict, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward one micro-batch. Returns its share of the global loss (the per-expert weighted sum times
@@ -240,8 +389,8 @@ class LoraFosterRecipe(Recipe):
             latents = encode_latents(c, batch, self.cache, gens).to(acc.device)
         t = draws["t"].to(acc.device)
         for name, module in expert_modules(c).items():
-            get_routing(module).foster_scales = draws["scales"].to(acc.device)
-            if name != c.family.denoiser_subfolder:  # text encoders follow the sample's t
+            get_routing(module).foster_scales = draws["scales"].to(acc.device)  # Wan 2.2: cut per transformer
+            if name in c.text_encoders:  # text encoders follow the sample's t
                 set_timesteps(module, t)
         noise = c.objective.draw_noise(tuple(latents.shape[1:]), gens).to(acc.device)
         with acc.autocast():
@@ -273,6 +422,17 @@ class LoraFosterRecipe(Recipe):
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _rows(items: Any, keep: torch.Tensor) -> Any:
+    """The rows ``keep`` (B,) bool of a loader batch (a dict of tensors and lists) or of a list."""
+    if isinstance(items, dict):
+        return {k: _rows(v, keep) for k, v in items.items()}
+    if isinstance(items, torch.Tensor) and items.dim() > 0 and items.shape[0] == keep.numel():
+        return items[keep.to(items.device)]
+    if isinstance(items, list | tuple) and len(items) == keep.numel():
+        return [v for v, k in zip(items, keep.tolist(), strict=True) if k]
+    return items
+
+
 WARM = 0  # global id of the expert trained as the warm-start LoRA (s0_i0; any expert would do)
 
 
@@ -295,11 +455,53 @@ def _route_to_warm(module: nn.Module, args: tuple) -> None:
 
 def load_fostered(c: Any, source: Path) -> None:
     """Load the experts of a fostered run (its dir, or the denoiser's experts file), frozen: stage assemble."""
-    for name, module in expert_modules(c).items():
+    modules = expert_modules(c)
+    denoisers = [n for n in modules if n not in c.text_encoders]
+    if not source.is_dir() and len(denoisers) > 1:
+        raise TsmError(
+            f"train.experts_from={source} is one file; {', '.join(denoisers)} each have experts: pass the "
+            "fostered run's folder"
+        )
+    for name, module in modules.items():
         if not source.is_dir() and name != c.family.denoiser_subfolder:
             continue  # a single file holds the denoiser's experts only
-        io.load(module, source / f"{name}.safetensors" if source.is_dir() else source, experts_only=True)
+        file = source / f"{name}.safetensors" if source.is_dir() else source
+        io.load(module, file, experts_only=True, component=name)
         set_stage(module, "assemble")
+
+
+def import_warm_start(c: Any, source: Path) -> list[str]:
+    """Start every expert of a lora/foster run from an existing LoRA (`tsm.io.import_lora`): one file for one
+    denoiser, or for Wan 2.2 a folder (or either file) of the pair ``*_high_noise.safetensors`` /
+    ``*_low_noise.safetensors`` (ai-toolkit's names; ai-toolkit's, musubi-tuner's and ComfyUI's Wan keys are
+    converted), each into its own transformer. Returns one line per file, to print."""
+    modules = expert_modules(c)
+    labels = {p: label for p, label in c.family.part_labels.items() if p in modules}
+    if not labels:
+        if not source.is_file():
+            raise TsmError(f"train.experts_from={source} must be a LoRA .safetensors file for this model")
+        name = c.family.denoiser_subfolder
+        got = io.import_lora(modules[name], source)
+        return [f"experts start from {source.name}: {len(got['loaded'])} layers"]
+    folder = source if source.is_dir() else source.parent
+    lines = []
+    for part, label in labels.items():
+        found = sorted(folder.glob(f"*_{label}.safetensors"))
+        if source.is_file() and source not in found:
+            found = [f for f in found if f.name.removesuffix(f"_{label}.safetensors") == _stem(source)]
+        if len(found) != 1:
+            raise TsmError(
+                f"train.experts_from={source}: found {len(found)} *_{label}.safetensors file(s) for {part} in "
+                f"{folder}; put exactly one {label} LoRA there (ai-toolkit's <name>_high_noise / _low_noise)"
+            )
+        got = io.import_lora(modules[part], found[0], prefix="transformer", component=part)
+        lines.append(f"{part} ({label}) experts start from {found[0].name}: {len(got['loaded'])} layers")
+    return lines
+
+
+def _stem(path: Path) -> str:
+    """``name`` of ``name_high_noise.safetensors`` / ``name_low_noise.safetensors``."""
+    return path.name.removesuffix(".safetensors").removesuffix("_high_noise").removesuffix("_low_noise")
 
 
 def make_optimizer(
@@ -318,7 +520,7 @@ def make_optimizer(
         params = [p for p in adapter_params(module) if id(p) not in taken]
         if not params:
             continue
-        text = name != c.family.denoiser_subfolder
+        text = name in c.text_encoders
         o = cfg.optim
         lr = o.text_lr if text and o.text_lr is not None else o.lr
         wd = o.text_weight_decay if text and o.text_weight_decay is not None else o.weight_decay

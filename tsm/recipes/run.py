@@ -68,7 +68,8 @@ def load_components(cfg: Config) -> Components:
 
 
 def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
-    """The ExpertSpec of every module that gets experts (denoiser; text encoders if text_targets)."""
+    """The ExpertSpec of every module that gets experts: the denoiser (Wan 2.2: each transformer over its own
+    range, or the one ``train.only_transformer`` names); the text encoders if text_targets."""
     family, e = c.family, cfg.experts
     recipe = recipe_class(cfg.train.method)
     base = ExpertSpec(
@@ -83,7 +84,22 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
         num_timesteps=c.objective.num_timesteps,
         timestep_scale=family.timestep_scale,
     )
-    specs = {family.denoiser_subfolder: base}
+    split = getattr(family, "part_specs", None)  # a stand-in family without it has one denoiser
+    specs = split(c, base) if split is not None else {family.denoiser_subfolder: base}
+    only = cfg.train.only_transformer
+    if len(specs) > 1 and cfg.train.method not in ("lora", "foster", "assemble"):
+        raise TsmError(
+            f"train.method={cfg.train.method} trains one denoiser; this {family.name} model has "
+            f"{len(specs)} ({', '.join(specs)}): use lora, foster or assemble"
+        )
+    if only is not None:
+        labels = {family.part_labels.get(n, n): n for n in specs}
+        if len(specs) < 2:
+            raise TsmError(
+                f"train.only_transformer={only} picks one transformer of a Wan 2.2 folder; {cfg.model.path} "
+                "has one denoiser: leave it unset"
+            )
+        specs = {labels[f"{only}_noise"]: specs[labels[f"{only}_noise"]]}
     text_targets = family.default_text_targets if e.text_targets is None else e.text_targets
     if recipe.tunes_text and text_targets:
         for sub in family.text_expert_subfolders:
@@ -91,19 +107,54 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
     return specs
 
 
+STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load the model, cast the frozen base, add experts (float32, seeded: the same in every process)."""
+    """Load the model, cast the frozen base, add experts (float32, seeded: the same in every process).
+
+    ``model.storage_dtype``: the denoisers' frozen weights stored in float8, each layer cast to ``dtype`` for
+    its forward (diffusers' ``enable_layerwise_casting``), before the experts wrap their layers: the experts
+    stay float32. ``train.offload_inactive``: a Wan 2.2 transformer's base weights are on the device only
+    while it runs (`tsm.models.wan.WanComponents`)."""
     c = load_components(cfg)
+    denoisers = [m for n, m in c.modules().items() if n not in c.text_encoders]
+    if cfg.train.offload_inactive:
+        if len(denoisers) < 2:
+            raise TsmError(
+                "train.offload_inactive keeps one of Wan 2.2's two transformers on the device; this model has "
+                "one denoiser: set it to false (model.storage_dtype=float8_e4m3fn saves memory on any family)"
+            )
+        c.extra["offload"] = device
     c.to(device, dtype)  # the VAE stays float32: it runs once per image (or is cached)
+    if cfg.model.storage_dtype is not None:
+        if not all(hasattr(m, "enable_layerwise_casting") for m in denoisers):
+            raise TsmError(
+                f"model.storage_dtype casts diffusers models layer by layer; the {c.family.name} family's "
+                "denoiser is not one: leave it unset"
+            )
+        for m in denoisers:
+            m.enable_layerwise_casting(
+                storage_dtype=STORAGE_DTYPES[cfg.model.storage_dtype], compute_dtype=dtype
+            )
+        c.extra["compute_dtype"] = dtype
     modules = c.modules()
     torch.manual_seed(cfg.train.seed)  # expert A init: the same in every process and on resume
-    for name, spec in expert_specs(cfg, c).items():
+    specs = expert_specs(cfg, c)
+    parts = list(c.family.denoiser_parts(c, torch.zeros(1)))
+    for name, spec in specs.items():
+        if name in parts[1:]:  # Wan 2.2's transformer_2: its own seed, the same with or without the other's
+            torch.manual_seed(cfg.train.seed + parts.index(name))
         add_experts(modules[name], spec)
+    if "offload" in c.extra:
+        c.to(device, dtype)  # the new experts of a parked transformer go to the device
     if cfg.train.gradient_checkpointing:
-        c.denoiser.enable_gradient_checkpointing()
-        for name in expert_specs(cfg, c):
-            if name != c.family.denoiser_subfolder:
-                modules[name].gradient_checkpointing_enable()
+        for name, m in modules.items():
+            if name in c.text_encoders:
+                if name in specs:
+                    m.gradient_checkpointing_enable()
+            else:
+                m.enable_gradient_checkpointing()
     return c
 
 
@@ -124,7 +175,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[Conf
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise TsmError(f"{file} is missing: the run has not finished; pass one of its checkpoints/step_N")
-        stage = io.load(modules[name], file).get("tsm_stage", "foster")
+        stage = io.load(modules[name], file, component=name).get("tsm_stage", "foster")
         set_stage(modules[name], stage)
     return cfg, c
 
@@ -182,7 +233,7 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 def _save(recipe: Recipe, directory: Path) -> None:
     for name, module in recipe.modules().items():
-        io.save(module, directory / f"{name}.safetensors")
+        io.save(module, directory / f"{name}.safetensors", component=name)
     buffer = BytesIO()  # serialised first: a failed write is then an OSError, not torch's zip-writer error
     torch.save(recipe.state_dict(), buffer)
     (directory / RECIPE_STATE).write_bytes(buffer.getbuffer())
@@ -192,7 +243,7 @@ def _load(recipe: Recipe, ckpt: Path) -> None:
     for name, module in recipe.modules().items():
         file = ckpt / f"{name}.safetensors"
         try:
-            io.load(module, file)
+            io.load(module, file, component=name)
         except TsmError:
             rundir.check_safetensors(file)  # unreadable: "damaged, resume from the one before"
             raise  # readable, but other experts than the model's
@@ -236,7 +287,13 @@ def plot_loss(
             ax.plot(x, smooth(y), lw=1.2, label=name.removeprefix("loss/"))
         ax.set_xlabel("step")
         ax.set_ylabel("loss (running mean)")
-        ax.set_title("by interval of the finest scale (t low -> high)", fontsize=9)
+        by_interval = all(k.startswith("loss/interval_") for k in curves)  # else Wan 2.2's per transformer
+        title = (
+            "by interval of the finest scale (t low -> high)"
+            if by_interval
+            else "by transformer (and interval)"
+        )
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -437,7 +494,7 @@ def _train(
         with rundir.writing("the run's final files", run):  # the last checkpoint holds the run: --resume
             for name, module in recipe.modules().items():
                 if name in c.modules():  # what `tsm sample` / `tsm export` read (not e.g. a fake score)
-                    io.save(module, run / f"{name}.safetensors")
+                    io.save(module, run / f"{name}.safetensors", component=name)
             if history:
                 plot_loss(history, run / "loss.png", curves)
             grid = validation_grid(cfg, c, run / "samples" / "final.png", progress)
