@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 from conftest import randomize_experts
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import write_digit_clips, write_tiny_wan
 
 import tsm
@@ -45,11 +46,11 @@ def pipeline(path, c) -> WanPipeline:
     return WanPipeline.from_pretrained(path, transformer=c.denoiser, text_encoder=text, **extra)
 
 
-def call_pipeline(pipe: WanPipeline) -> torch.Tensor:
+def call_pipeline(pipe: WanPipeline, res: int = RES) -> torch.Tensor:
     """Clips (N, 3, F, H, W) in [-1, 1], the noise of sample k drawn from its own seed as tsm draws it."""
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     out = pipe(
-        PROMPTS, height=RES, width=RES, num_frames=FRAMES, num_inference_steps=STEPS,
+        PROMPTS, height=res, width=res, num_frames=FRAMES, num_inference_steps=STEPS,
         guidance_scale=GUIDANCE, generator=gens, output_type="pt",
     ).frames  # fmt: skip  # (N, F, 3, H, W) in [0, 1]
     return out.permute(0, 2, 1, 3, 4) * 2 - 1
@@ -274,13 +275,19 @@ def test_bad_inputs_are_one_line_errors(folders, tmp_path):
     f = get_family("wan")
     with pytest.raises(tsm.TsmError, match="leave model.prediction_type unset"):
         f.load(str(folders["2.1"]), prediction_type="epsilon")
-    ti2v = tmp_path / "ti2v"  # Wan 2.2 TI2V's per-token timesteps: refused, not sampled wrongly
+    ti2v = (
+        tmp_path / "ti2v"
+    )  # Wan 2.2 TI2V's per-token timesteps (tests/test_wan22_ti2v.py): loaded, not refused
     ti2v.mkdir()
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         (ti2v / sub).symlink_to(folders["2.1"] / sub)
     index = json.loads((folders["2.1"] / "model_index.json").read_text())
     (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
-    with pytest.raises(tsm.TsmError, match="TI2V"):
+    assert f.load(str(ti2v)).extra["expand_timesteps"]
+    assert "expand_timesteps" not in f.load(str(folders["2.1"])).extra
+    # image-to-video with extra input channels: one line naming what is missing
+    (ti2v / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
+    with pytest.raises(tsm.TsmError, match="first frame's VAE latents"):
         f.load(str(ti2v))
 
 
@@ -304,3 +311,53 @@ def test_an_exported_expert_is_a_wan_lora_diffusers_loads(folders, tmp_path):
             base = f.denoise(c, x, t, cond)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert (base - ours).abs().max() > 1e-3
+
+
+def test_a_musubi_tuner_lora_of_attention_only_imports(folders, tmp_path):
+    """musubi-tuner's Wan keys (lora_unet_blocks_N_self_attn_q.lora_down.weight / .lora_up.weight / .alpha),
+    attention layers only (no ffn_0 / ffn_2, which diffusers' musubi converter requires): an exported expert
+    renamed to those keys imports back as the same expert, weights and velocity."""
+    f = get_family("wan")
+    spec = tsm.ExpertSpec(scales=(4, 1), rank=2, alpha=4, targets=ATTN)
+    c = f.load(str(folders["2.1"]))
+    tsm.add_experts(c.denoiser, spec)
+    randomize_experts(c.denoiser, std=0.3)
+    exported = load_file(tsm.export_lora(c.denoiser, tmp_path / "expert.safetensors", scale=0, index=3))
+    wan = {
+        "attn1": "self_attn",
+        "attn2": "cross_attn",
+        "to_q": "q",
+        "to_k": "k",
+        "to_v": "v",
+        "to_out.0": "o",
+    }
+    musubi = {}
+    for key, value in exported.items():
+        m = re.fullmatch(
+            r"transformer\.blocks\.(\d+)\.(attn[12])\.(to_[qkv]|to_out\.0)\.lora_([AB])\.weight", key
+        )
+        module = f"lora_unet_blocks_{m[1]}_{wan[m[2]]}_{wan[m[3]]}"
+        if m[4] == "A":
+            musubi[f"{module}.lora_down.weight"] = value
+            musubi[f"{module}.alpha"] = torch.tensor(1.0)  # alpha / rank = 1/2 at load: lora_up doubled below
+        else:
+            musubi[f"{module}.lora_up.weight"] = value * 2
+    assert len(musubi) == 2 * 8 * 3 and not any("ffn" in k for k in musubi)  # 2 blocks x 8 layers x 3 keys
+    save_file(musubi, tmp_path / "musubi.safetensors")
+    other = f.load(str(folders["2.1"]))
+    tsm.add_experts(other.denoiser, spec)
+    summary = tsm.import_lora(other.denoiser, tmp_path / "musubi.safetensors", scale=0, index=3)
+    assert len(summary["loaded"]) == 16 and summary["missing"] == []
+    ours, theirs = dict(tsm.expert_layers(c.denoiser)), dict(tsm.expert_layers(other.denoiser))
+    for name, layer in ours.items():
+        delta = layer.scaling * layer.lora_B["s0_i3"] @ layer.lora_A["s0_i3"]
+        back = theirs[name].scaling * theirs[name].lora_B["s0_i3"] @ theirs[name].lora_A["s0_i3"]
+        torch.testing.assert_close(back, delta, atol=1e-6, rtol=0)
+    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond, t = f.encode_prompt(c, ["a digit"]), torch.tensor([900])  # expert 3 of 4
+    with torch.no_grad():
+        want, got = f.denoise(c, x, t, cond), f.denoise(other, x, t, cond)
+        with tsm.experts_off(other.denoiser):
+            base = f.denoise(other, x, t, cond)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert (base - got).abs().max() > 1e-3

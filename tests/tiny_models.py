@@ -202,8 +202,9 @@ def kill_when(cmd: list[str], target: Path, timeout: float = 120) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Wan (WanPipeline layout)
 # ---------------------------------------------------------------------------------------------------------
-def tiny_wan_transformer(seed: int = 0):
-    """A 2-block WanTransformer3DModel: 2x2 patches of 4 latent channels, 32-d text (the tiny UMT5's width)."""
+def tiny_wan_transformer(seed: int = 0, channels: int = 4):
+    """A 2-block WanTransformer3DModel: 2x2 patches of ``channels`` latent channels, 32-d text (the tiny UMT5's
+    width)."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -212,8 +213,8 @@ def tiny_wan_transformer(seed: int = 0):
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
+        in_channels=channels,
+        out_channels=channels,
         text_dim=32,
         freq_dim=32,
         ffn_dim=32,
@@ -222,13 +223,32 @@ def tiny_wan_transformer(seed: int = 0):
     )
 
 
+def tiny_umt5():
+    """A 2-layer UMT5 encoder of width 32 (seed 0)."""
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    config = UMT5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    return UMT5EncoderModel(config).eval()
+
+
+def wan_unipc(flow_shift: float):
+    """The UniPC flow scheduler of Wan's Diffusers folders (their scheduler_config.json) at ``flow_shift``."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000,
+        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
+    )  # fmt: skip
+
+
 def write_tiny_wan(path: str | Path, boundary_ratio: float | None = None) -> Path:
     """A tiny random WanPipeline folder saved with WanPipeline.save_pretrained: transformer/, vae/ (x8 space,
     x4 time, as Wan's VAE), text_encoder/ (UMT5), tokenizer/, scheduler/ (Wan 2.1's shipped UniPC config).
     ``boundary_ratio`` adds Wan 2.2's low-noise transformer_2/ (other weights) and the pipeline's boundary."""
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan, WanPipeline
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(
@@ -240,22 +260,41 @@ def write_tiny_wan(path: str | Path, boundary_ratio: float | None = None) -> Pat
         latents_mean=[0.1, -0.2, 0.3, 0.0],
         latents_std=[1.5, 0.8, 1.2, 2.0],
     )
-    torch.manual_seed(0)
-    text = UMT5EncoderModel(
-        UMT5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
-    ).eval()
-    scheduler = UniPCMultistepScheduler(  # Wan2.1-T2V-1.3B-Diffusers' scheduler_config.json
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000,
-        solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
-    )  # fmt: skip
     pipe = WanPipeline(
         tokenizer=t5_tokenizer(),
-        text_encoder=text,
+        text_encoder=tiny_umt5(),
         vae=vae,
-        scheduler=scheduler,
+        scheduler=wan_unipc(flow_shift=3.0),  # Wan2.1-T2V-1.3B-Diffusers' scheduler_config.json
         transformer=tiny_wan_transformer(0),
         transformer_2=tiny_wan_transformer(1) if boundary_ratio is not None else None,
         boundary_ratio=boundary_ratio,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def write_tiny_wan_ti2v(path: str | Path) -> Path:
+    """A tiny random Wan 2.2 TI2V-5B folder (WanPipeline.save_pretrained, ``expand_timesteps: true``): one
+    transformer of 48 latent channels in and out, Wan 2.2's VAE layout (z_dim 48, residual blocks, 2x2 pixel
+    patchify of the 12 = 3 x 2 x 2 input channels, x16 space, x4 time; as Wan2.2-TI2V-5B-Diffusers' vae config,
+    at widths of 8), per-channel latents_mean/std, UMT5, Wan's UniPC scheduler."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 1, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+        patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=[0.05 * (k % 7 - 3) for k in range(48)], latents_std=[0.8 + 0.05 * (k % 9) for k in range(48)],
+    )  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=tiny_umt5(),
+        vae=vae,
+        scheduler=wan_unipc(flow_shift=5.0),  # Wan2.2-TI2V-5B-Diffusers' scheduler_config.json
+        transformer=tiny_wan_transformer(0, channels=48),
+        expand_timesteps=True,
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)

@@ -42,10 +42,10 @@ class _Hook:
             return  # no timestep this call: keep the routing set by the caller
         if t is None:
             return
-        if (
-            isinstance(t, torch.Tensor) and t.dim() > 1
-        ):  # per-token timesteps (Wan 2.2 TI2V): the sample's noise level
-            t = t.flatten(1).amax(1)
+        if isinstance(t, torch.Tensor) and t.dim() > 1:
+            # per-token timesteps (B, L) (Wan 2.2 TI2V, `expand_timesteps`): a sample is routed by the t of its
+            # noised tokens, the largest; tokens at 0 are the clean conditioning frame. (B,) and scalars as given
+            t = t.flatten(1).amax(1)  # (B,)
         first = next(
             (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -616,11 +617,41 @@ WAN_HEADS = (
 )  # Wan's original names: ai-toolkit/ComfyUI, musubi
 
 
+# musubi-tuner names Wan's modules kohya-style: "lora_unet." + the module's name, dots made underscores
+# (blocks.3.cross_attn.k -> lora_unet_blocks_3_cross_attn_k, blocks.3.ffn.0 -> lora_unet_blocks_3_ffn_0)
+MUSUBI_WAN = re.compile(r"lora_unet_blocks_(\d+)_(self_attn|cross_attn|ffn)_(\w+)")
+
+
+def _musubi_to_wan(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """musubi-tuner's Wan keys (``lora_unet_blocks_N_self_attn_q.lora_down.weight`` / ``.lora_up.weight`` /
+    ``.alpha``) in Wan's original names (``diffusion_model.blocks.N.self_attn.q.lora_down.weight``).
+
+    Why not diffusers' musubi converter: it pops every block's self-attention, cross-attention and FFN keys and
+    their alphas unconditionally, so a LoRA trained on some layers only (attention only, a few blocks, no alpha)
+    fails with a KeyError. Its converter for Wan's original names takes any subset with or without alpha, so
+    the names are mapped to those and that converter does the rest (alpha folding included)."""
+    out = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.partition(".")
+        match = MUSUBI_WAN.fullmatch(module)
+        if match is None:
+            raise TsmError(
+                f"unsupported musubi-tuner Wan LoRA key {key!r}: expected lora_unet_blocks_N_self_attn_*, "
+                "_cross_attn_* or _ffn_* modules"
+            )
+        block, part, leaf = match.groups()
+        out[f"diffusion_model.blocks.{block}.{part}.{leaf}.{suffix}"] = value
+    return out
+
+
 def _from_wan(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Wan LoRA in Wan's original names as diffusers keys (``transformer.blocks.N.attn1.to_q.lora_A.weight``),
-    alpha folded in, by diffusers' converter (``WanPipeline.lora_state_dict``)."""
+    alpha folded in, by diffusers' converter (``WanPipeline.lora_state_dict``); musubi-tuner's names first
+    become Wan's (`_musubi_to_wan`)."""
     from diffusers import WanPipeline
 
+    if all(k.startswith("lora_unet_") for k in tensors):
+        tensors = _musubi_to_wan(tensors)
     try:
         return dict(WanPipeline.lora_state_dict(dict(tensors)))
     except (ValueError, KeyError) as e:

@@ -12,8 +12,15 @@ Wan 2.2 A14B's two-transformer folders (``transformer/`` for t >= boundary_ratio
 ``boundary_ratio`` in model_index.json) load as one model: `WanComponents.modules` holds both transformers,
 `Wan.denoise` sends each sample to the transformer of its t, as WanPipeline does per step, `Wan.denoiser_parts`
 tells the training loop which transformer each sample went to, and `two_stage_specs` gives each transformer
-experts over its own range (what `tsm train` attaches). Refused in one line: TI2V-5B (``expand_timesteps``)
-and the image-to-video pipelines (the first frame's latents as extra input channels and an image encoder).
+experts over its own range (what `tsm train` attaches).
+
+Wan 2.2 TI2V-5B (``expand_timesteps`` in model_index.json; one transformer of 48 latent channels, the Wan 2.2
+VAE: z_dim 48, x16 space) trains and samples in its text-to-video mode: `Wan.denoise` gives the transformer one
+timestep per latent token, (B, f * h/2 * w/2) float32, built exactly as WanPipeline builds it
+(``(mask[0][0][:, ::2, ::2] * t).flatten()`` with an all-ones mask), and the experts' pre-hook routes each sample
+by its noise level (its largest token timestep). Refused in one line: the image-to-video pipelines (the first
+frame's latents as extra input channels and an image encoder); TI2V's image conditioning (the first latent
+frame clean at t = 0) is not built for training or sampling.
 """
 
 from __future__ import annotations
@@ -86,7 +93,7 @@ def park(model: nn.Module, device: torch.device, experts: torch.device | None = 
 
 @register
 class Wan(FlowFamily):
-    """Wan 2.1 T2V (1.3B / 14B); Wan 2.2 A14B's two transformers through the Python API (see the module doc)."""
+    """Wan 2.1 T2V (1.3B / 14B); Wan 2.2 A14B's two transformers; Wan 2.2 TI2V-5B as text-to-video (module doc)."""
 
     name = "wan"
     denoiser_class = "WanTransformer3DModel"
@@ -117,14 +124,12 @@ class Wan(FlowFamily):
         c = WanComponents(**{f: getattr(c, f) for f in c.__dataclass_fields__})
         index = _pipeline_config(path, revision)
         pipeline = index.get("_class_name", "WanPipeline")
-        if index.get("expand_timesteps"):
-            raise TsmError(
-                f"{path} is a Wan 2.2 TI2V model (expand_timesteps: one timestep per token, the conditioning "
-                "frame's at t = 0); tsm's wan family does not build those per-token timesteps yet: it trains "
-                "and samples the T2V models (Wan 2.1, Wan 2.2 A14B)"
-            )
+        expand = bool(index.get("expand_timesteps"))
         in_ch, out_ch = c.denoiser.config.in_channels, c.denoiser.config.out_channels
-        if pipeline != "WanPipeline" or in_ch != out_ch:
+        # TI2V-5B's one transformer serves WanPipeline and WanImageToVideoPipeline alike (no extra input
+        # channels): either folder trains its text-to-video mode
+        t2v = pipeline == "WanPipeline" or (expand and pipeline == "WanImageToVideoPipeline")
+        if not t2v or in_ch != out_ch:
             raise TsmError(
                 f"{path} is a {pipeline} model (transformer in_channels {in_ch}, out {out_ch}): image-to-video "
                 "needs the first frame's VAE latents and mask as extra input channels, which tsm's wan family "
@@ -145,6 +150,8 @@ class Wan(FlowFamily):
             low.eval()
             c.extra["transformer_2"] = low
             c.extra["boundary_timestep"] = float(ratio) * c.objective.num_timesteps
+        if expand:
+            c.extra["expand_timesteps"] = True
         return c
 
     def sampling_scheduler(self, path: str, revision: str | None) -> Any:
@@ -285,6 +292,8 @@ class Wan(FlowFamily):
                     if other is not None and other is not model:
                         park(other, torch.device("cpu"))
             park(model, device)
+        if c.extra.get("expand_timesteps"):
+            t = token_timesteps(model, x, t)
         return model(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
 
     # --- latents: whole clips through the 3D causal VAE, per-channel mean/std normalisation -------------
@@ -327,6 +336,17 @@ class Wan(FlowFamily):
         mean, std = self._stats(c, latents)
         z = latents * std + mean
         return c.vae.decode(z.to(c.vae.dtype)).sample.clamp(-1, 1)
+
+
+def token_timesteps(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Wan 2.2 TI2V's per-token timesteps (B, f * h/p * w/p) for latents x (B, C, f, h, w) at t (B,): what
+    WanPipeline passes with ``expand_timesteps`` (text-to-video: an all-ones float32 mask times t, strided by
+    the patch (the pipeline's ``[:, ::2, ::2]``) and flattened), one row per sample so a training batch may
+    hold several t. Every token of a sample has its t: no frame is clean in text-to-video."""
+    _, p_h, p_w = model.config.patch_size
+    mask = torch.ones(x.shape[2:], dtype=torch.float32, device=x.device)[:, ::p_h, ::p_w]  # (f, h/p, w/p)
+    t = t.to(x.device).reshape(-1, 1)  # (B, 1); the scheduler's int64 t times a float32 mask: float32
+    return (mask.flatten()[None] * t).expand(x.shape[0], -1)  # (B, L)
 
 
 def _rows_of(value: Any, rows: torch.Tensor) -> Any:
