@@ -53,6 +53,11 @@ class ExpertsConfig:
     router: str = "asymmetric"  # asymmetric | symmetric | z_only | t_only
     shared_rank: int = 0  # > 0: also one full-range LoRA of this rank on every sample (shared + residual)
     routing: str = "hard"  # hard (paper) | smooth: the finest scale's two nearest experts, hat-weighted in t
+    # one full-range LoRA (scales [1]) whose rank channels vary with t: dW(t) = s B diag(d(t)) A
+    modulation: str = "none"  # none | table: d(t) = 1 + g[bin(t)], g a learned bins x rank table (0 at init)
+    modulation_bins: int = 20  # rows of the modulation table: equal bins of [0, T)
+    rank_schedule: str = "none"  # none | tlora: the first r(t) ranks on, fewer at high noise (T-LoRA)
+    min_rank: int = 1  # tlora: the ranks on at t = T; r(t) = floor((rank - min_rank)(T - t) / T) + min_rank
 
 
 @dataclass
@@ -175,6 +180,9 @@ class TrainConfig:
     # foster: every expert gets batch_size samples a step, t drawn inside its interval (the paper's n x steps
     # bookkeeping; the global batch is batch_size x experts)
     batch_per_expert: bool = False
+    # foster, mixed batches: each expert's step (its lr) times its share of its scale's samples this step x the
+    # scale's experts, so an expert that drew fewer samples than its even share steps proportionally less
+    share_scaled_lr: bool = False
     grad_accum: int = 1  # gradient accumulation steps
     mixed_precision: str = "no"  # no | bf16 | fp16 (adapters stay float32)
     gradient_checkpointing: bool = False
@@ -338,6 +346,27 @@ def validate(cfg: Config) -> None:
         raise TsmError(f"experts.shared_rank must be >= 0 (0: none), got {cfg.experts.shared_rank}")
     if cfg.experts.routing not in ("hard", "smooth"):
         raise TsmError(f"experts.routing must be hard or smooth, got {cfg.experts.routing!r}")
+    if cfg.experts.modulation not in ("none", "table"):
+        raise TsmError(f"experts.modulation must be none or table, got {cfg.experts.modulation!r}")
+    if cfg.experts.rank_schedule not in ("none", "tlora"):
+        raise TsmError(f"experts.rank_schedule must be none or tlora, got {cfg.experts.rank_schedule!r}")
+    if cfg.experts.modulation_bins < 1:
+        raise TsmError(f"experts.modulation_bins must be >= 1, got {cfg.experts.modulation_bins}")
+    if not 1 <= cfg.experts.min_rank <= cfg.experts.rank:
+        raise TsmError(
+            f"experts.min_rank must be in [1, experts.rank={cfg.experts.rank}], got {cfg.experts.min_rank}"
+        )
+    e = cfg.experts
+    if (e.modulation != "none" or e.rank_schedule != "none") and (
+        cfg.train.method not in ("lora", "foster")
+        or (cfg.train.method == "foster" and list(e.scales) != [1])
+        or e.shared_rank
+        or e.routing != "hard"
+    ):
+        raise TsmError(
+            "experts.modulation and experts.rank_schedule shape one full-range LoRA: use train.method=lora "
+            "(or foster with experts.scales=[1]), no experts.shared_rank and experts.routing=hard"
+        )
     _validate_data(cfg)
     if cfg.train.assemble_steps < 0:
         raise TsmError(f"train.assemble_steps must be >= 0, got {cfg.train.assemble_steps}")
@@ -397,6 +426,18 @@ def validate(cfg: Config) -> None:
                 f"train.warm_start_fraction={tc.warm_start_fraction} of {tc.steps} steps gives {warm} warm "
                 "steps; choose a fraction that leaves at least one warm and one specialising step"
             )
+    if tc.share_scaled_lr and (
+        tc.method != "foster" or tc.batch_per_expert or tc.only_expert is not None or tc.warm_start_fraction
+    ):
+        raise TsmError(
+            "train.share_scaled_lr scales each expert's step by its share of a mixed batch: it needs "
+            "train.method=foster with train.batch_per_expert=false, no only_expert and no warm start"
+        )
+    if tc.share_scaled_lr and cfg.experts.routing != "hard":
+        raise TsmError(
+            "train.share_scaled_lr needs experts.routing=hard (smooth routing trains the finest scale on one "
+            "shared mean)"
+        )
     if tc.assemble_experts_lr is not None:
         if tc.method != "assemble":
             raise TsmError(

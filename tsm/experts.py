@@ -7,6 +7,8 @@ For input x and the routing of the current forward (see `tsm.routing`), with s =
                 + s0 * B0 A0 x                                  # shared expert (shared_rank > 0): every t
 
 With smooth routing the core term is s * ((1 - w) B[lo] A[lo] + w B[hi] A[hi]) x (`tsm.routing.hat_weights`).
+With a rank factor (``modulation`` / ``rank_schedule``, one full-range LoRA) it is s * B diag(d(t)) A x, d(t) in
+R^r per sample: 1 + g[bin(t)] (g a learned table, zero at init) times T-LoRA's mask of the active ranks.
 
 The base layer is wrapped, never copied. Each expert's A and B are separate parameters (``lora_A.s0_i3``),
 so an expert that received no sample gets no gradient (``grad is None``) and its optimizer state does not
@@ -16,7 +18,8 @@ Paths:
 - mixed batch, linear: gather each sample's A/B and use batched matmuls; convs: group the batch by expert;
 - one expert for the whole batch: plain matmuls/convs with that expert's weights;
 - eval mode with autograd off: the core expert (+ shared) is merged into the base weight when the interval
-  changes (smooth routing: the blend, at every step), so sampling costs what the base model costs. The
+  changes (smooth routing: the blend, at every step; a rank factor: when d(t) changes, i.e. at a new table
+  bin or active rank), so sampling costs what the base model costs. The
   original weight is kept and copied back on unmerge, so it is restored exactly after any number of switches;
 - the fast path: once merged with nothing gated, and while the model's hook sees the same routing, the
   layer's ``forward`` *is* the base layer's bound forward (an instance attribute), so the wrapper costs one
@@ -26,6 +29,7 @@ Paths:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +42,15 @@ from tsm.spec import ExpertSpec
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 SUPPORTED = (nn.Linear, *_CONV_FN)
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """The merge key of a layer with a rank factor: the expert, and what d(t) depends on at the batch's t."""
+
+    expert: int
+    row: int  # the table row bin(t) (0 without modulation)
+    rank: int  # the active rank r(t) (the full rank without a rank schedule)
 
 
 class ExpertLayer(nn.Module):
@@ -95,7 +108,16 @@ class ExpertLayer(nn.Module):
             else None
         )
         self.symmetric = spec.router == "symmetric"
-        self.merged: int | tuple[int, int, float] | None = None  # expert id (or smooth blend) merged in
+        # rank factor d(t) (spec.varies_in_rank): g, a (bins, r) table, zero: the layer starts as the plain LoRA
+        self.rank = r
+        self.num_timesteps = spec.num_timesteps
+        self.varies_in_rank = spec.varies_in_rank
+        self.bins = spec.modulation_bins
+        self.modulation: nn.Parameter | None = None
+        if spec.modulation == "table":
+            self.modulation = nn.Parameter(torch.zeros((spec.modulation_bins, r), device=device))
+        self.min_rank = spec.min_rank if spec.rank_schedule == "tlora" else None
+        self.merged: int | tuple[int, int, float] | StepKey | None = None  # expert id (or blend) merged in
         self._base_weight: torch.Tensor | None = None  # original weight while merged
         self._flat: tuple[torch.Tensor, torch.Tensor] | None = None  # 2-D views of the weight and of it
         self.train(base_layer.training)  # a model loaded in eval mode stays in eval mode (merge, no dropout)
@@ -103,15 +125,81 @@ class ExpertLayer(nn.Module):
     def expert_params(self) -> list[nn.Parameter]:
         """Every expert's A and B, and the shared expert's (what fostering trains and assembling freezes)."""
         shared = [self.shared_A, self.shared_B] if self.shared_A is not None else []
-        return [*self.lora_A.values(), *self.lora_B.values(), *shared]
+        table = [self.modulation] if self.modulation is not None else []
+        return [*self.lora_A.values(), *self.lora_B.values(), *shared, *table]
+
+    # ------------------------------------------------------------------------------------------------
+    # rank factor d(t): modulation table and T-LoRA's rank schedule
+    # ------------------------------------------------------------------------------------------------
+    def active_rank(self, t_index: torch.Tensor) -> torch.Tensor:
+        """T-LoRA's r(t) = floor((r - r_min) (T - t) / T) + r_min per sample (the full rank without a
+        schedule): r at t = 0, r_min from t > T - T / (r - r_min) on; t_index (B,) long in [0, T)."""
+        if self.min_rank is None:
+            return torch.full_like(t_index, self.rank)
+        return (self.rank - self.min_rank) * (
+            self.num_timesteps - t_index
+        ) // self.num_timesteps + self.min_rank
+
+    def rank_factor(self, t_index: torch.Tensor) -> torch.Tensor:
+        """d(t) (B, r): (1 + g[bin(t)]) * [k < r(t)], with bin(t) = floor(t bins / T); t_index (B,) long."""
+        d = None
+        if self.modulation is not None:
+            d = 1.0 + self.modulation[t_index * self.bins // self.num_timesteps]  # (B, r)
+        if self.min_rank is not None:
+            ranks = torch.arange(self.rank, device=t_index.device)  # (r,)
+            mask = (ranks < self.active_rank(t_index)[:, None]).to(torch.float32)  # (B, r)
+            d = mask if d is None else d * mask
+        return d
+
+    def step_factor(self, t: float) -> torch.Tensor:
+        """d(t) (r,) at one timestep t in [0, T] (what `tsm.io.export_step_lora` bakes into B)."""
+        t_index = torch.tensor(
+            [min(int(float(t)), self.num_timesteps - 1)], device=self.lora_A[self.keys[0]].device
+        )
+        return self.rank_factor(t_index)[0].detach()
+
+    def _row_factor(self, key: StepKey) -> torch.Tensor:
+        """d (r,) of a merge key: the same values `rank_factor` gives each sample at that key's t."""
+        device = self.lora_A[self.keys[0]].device
+        d = 1.0 + self.modulation[key.row] if self.modulation is not None else None
+        if self.min_rank is not None:
+            mask = (torch.arange(self.rank, device=device) < key.rank).to(torch.float32)  # (r,)
+            d = mask if d is None else d * mask
+        return d
+
+    def _step_key(self, expert: int, state: RoutingState) -> StepKey | None:
+        """The merge key at the batch's one t, or None when its samples differ in t (no merge)."""
+        t = _shared_t(self.routing, state)
+        if t is None:
+            return None
+        row = t * self.bins // self.num_timesteps if self.modulation is not None else 0
+        rank = self.rank  # r(t) as `active_rank`, in Python ints (no tensor on this per-call path)
+        if self.min_rank is not None:
+            rank = (self.rank - self.min_rank) * (
+                self.num_timesteps - t
+            ) // self.num_timesteps + self.min_rank
+        return StepKey(expert, row, rank)
+
+    def _scaled_b(self, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """B diag(d): d (r,) on B's rank axis, (out, r) or (out, r, 1, ..)."""
+        return b * d.reshape(1, -1, *[1] * (b.dim() - 2))
 
     # ------------------------------------------------------------------------------------------------
     # single expert
     # ------------------------------------------------------------------------------------------------
-    def _lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _lora(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """B diag(d) A x; d (B', r) per routed sample, or None (the plain B A x)."""
         if self.conv_fn is None:
-            return F.linear(F.linear(x, a), b)  # (B, *, r) -> (B, *, out)
-        return self.conv_fn(self.conv_fn(x, a, **self.conv_kwargs), b)  # (B, r, *) -> (B, out, *)
+            if d is None:
+                return F.linear(F.linear(x, a), b)  # (B, *, r) -> (B, *, out)
+            d = expand_batch(d, x.shape[0]).reshape(x.shape[0], *[1] * (x.dim() - 2), -1)  # (B, 1.., r)
+            return F.linear(F.linear(x, a) * d, b)
+        h = self.conv_fn(x, a, **self.conv_kwargs)  # (B, r, *)
+        if d is not None:
+            h = h * expand_batch(d, x.shape[0]).reshape(*h.shape[:2], *[1] * (h.dim() - 2))
+        return self.conv_fn(h, b)  # (B, out, *)
 
     def _product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """B A shaped like the base weight: (out, in) or (out, in, *kernel)."""
@@ -132,11 +220,12 @@ class ExpertLayer(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # mixed batches
     # ------------------------------------------------------------------------------------------------
-    def _route(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """s * B A x with each sample's expert; x is the (dropped-out, float32) input."""
+    def _route(self, x: torch.Tensor, route: Route, d: torch.Tensor | None = None) -> torch.Tensor:
+        """s * B A x with each sample's expert; x is the (dropped-out, float32) input; d: the rank factor
+        (one expert only: the spec allows a rank factor with scales (1,) alone)."""
         if route.uniform is not None:
             key = self.keys[route.uniform]
-            return self.scaling * self._lora(x, self.lora_A[key], self.lora_B[key])
+            return self.scaling * self._lora(x, self.lora_A[key], self.lora_B[key], d)
         rows = route.rows(x.shape[0])  # (B,) position of each row's expert in route.used
         if self.conv_fn is None:
             a = torch.stack([self.lora_A[self.keys[e]] for e in route.used])  # (k, r, in)
@@ -157,7 +246,8 @@ class ExpertLayer(nn.Module):
 
     def _core(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
         """The main path: one expert per sample, or smooth routing's per-sample blend of two."""
-        main = self._route(x, state.main)
+        d = self.rank_factor(state.t_index) if self.varies_in_rank else None
+        main = self._route(x, state.main, d)
         blend = state.blend
         if blend is None or blend.uniform == 0.0:
             return main
@@ -227,6 +317,10 @@ class ExpertLayer(nn.Module):
         if isinstance(expert, tuple):
             lo, hi, w = expert
             keys = [(lo, 1.0 - w), (hi, w)] if w != 0 else [(lo, 1.0)]
+        elif isinstance(expert, StepKey):  # s B diag(d(t)) A: d folded into B's columns
+            key = self.keys[expert.expert]
+            d = self._row_factor(expert)
+            return [(self.scaling, self.lora_A[key], self._scaled_b(self.lora_B[key], d))]
         else:
             keys = [(expert, 1.0)]
         terms = [(self.scaling * w, self.lora_A[self.keys[e]], self.lora_B[self.keys[e]]) for e, w in keys]
@@ -262,6 +356,9 @@ class ExpertLayer(nn.Module):
         merge = not self.training and not torch.is_grad_enabled() and key is not None and not self.symmetric
         # a float8-stored base (model.storage_dtype) would round the expert away: it adds on the side
         merge = merge and self.base_layer.weight.element_size() > 1
+        if merge and self.varies_in_rank:  # d(t) too must be one for the batch: merged per (row, rank)
+            key = self._step_key(key, state)
+            merge = key is not None
         if merge:
             self._merge(key)  # autograd is off here (merge requires it)
         elif self.merged is not None:
@@ -269,7 +366,9 @@ class ExpertLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if merge and not state.context:  # sampling a fostered model: exactly the base model's cost
             routing = self.routing
-            if routing.fast_key is not None and routing.hook_handle is not None:
+            # a rank factor changes with t inside the routing's one expert, which the fast path does not see:
+            # those layers stay on this forward (one wrapper call a layer) and re-merge when d(t) changes
+            if routing.fast_key is not None and routing.hook_handle is not None and not self.varies_in_rank:
                 # the hook re-checks the routing every forward and calls leave_fast_path on any change
                 self.__dict__["forward"] = self.base_layer.forward  # (past nn.Module.__setattr__)
                 routing.fast_layers.append(self)
@@ -293,3 +392,16 @@ class ExpertLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={len(self.keys)}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _shared_t(routing: Routing, state: RoutingState) -> int | None:
+    """The integer t every sample of ``state`` shares (None: they differ). Read from the device once per routing
+    state for all the model's layers: the value is kept on the routing object beside the state it belongs to."""
+    memo = routing.__dict__.get("shared_t")
+    if memo is not None and memo[0] is state:
+        return memo[1]
+    lo, hi = torch.aminmax(state.t_index)
+    lo, hi = torch.stack([lo, hi]).tolist()  # one device sync
+    value = lo if lo == hi else None
+    routing.__dict__["shared_t"] = (state, value)
+    return value

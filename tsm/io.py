@@ -370,6 +370,13 @@ def lora_state(
     spec = _shared_spec(parts)
     if scale is None or index is None:
         raise TsmError("export_lora writes one expert: pass scale=s and index=i (export_all_lora writes all)")
+    if spec.modulation != "none" or spec.rank_schedule != "none":
+        # the LoRA differs at every t (d(t) or its active ranks): no one file is the model at an interval
+        form = f"modulation={spec.modulation}" if spec.modulation != "none" else "rank_schedule=tlora"
+        raise TsmError(
+            f"experts with {form} are a different LoRA at every t; export the LoRA of each sampling step "
+            "(tsm export RUN --timesteps T ... --out DIR, or tsm.io.export_step_lora)"
+        )
     (key,) = _expert_keys(spec, scale, index)
     tensors = {}
     for head, model in parts:
@@ -466,7 +473,7 @@ def step_lora_state(
     parts = _components(models, prefix)
     spec = _shared_spec(parts)
     check_timesteps(torch.tensor([float(t)]), spec.num_timesteps)
-    if all(not _assembled(m) for _, m in parts) and spec.routing == "hard":
+    if all(not _assembled(m) for _, m in parts) and spec.routing == "hard" and not spec.varies_in_rank:
         index = int(expert_index(torch.tensor(float(t)), spec.scales[0], spec.num_timesteps))
         return lora_state(models, scale=0, index=index, prefix=prefix)
     t_index = min(int(float(t)), spec.num_timesteps - 1)
@@ -480,6 +487,8 @@ def step_lora_state(
             gates = (layer.router.table[t_index] + layer.router.offset).detach().tolist() if context else []
             # the core is always on; context expert j weighted by its gate E[t]_j
             a, b = _stacked(layer, core + list(zip(context, gates, strict=True)))
+            if layer.varies_in_rank:  # one LoRA, no shared expert: B diag(d(t)) A with d(t) baked into B
+                b = b * layer.step_factor(t).reshape(1, -1, *[1] * (b.dim() - 2))
             tensors[f"{_head(head)}{name}.lora_A.weight"] = a  # (r0 + sum of ranks, in[, *k])
             tensors[f"{_head(head)}{name}.lora_B.weight"] = b  # (out, r0 + sum of ranks[, 1..])
     step = {"t": float(t), "experts": experts[parts[0][0]]}  # the first part's (the denoiser's)
@@ -497,7 +506,8 @@ def export_step_lora(models: Models, t: float, path: PathLike, prefix: str | Non
     rank -- exactly the layer's update at t. A gate that reads the layer's input (F(z)) makes the update
     non-linear in the input, so it cannot be written as a LoRA: that is refused. Fuse the file into the
     base weights (``pipe.fuse_lora()``) and a step costs what a base-model step costs. Variants: a shared
-    expert is stacked in front (rank r0 + r); smooth routing writes both blended experts of t, weighted.
+    expert is stacked in front (rank r0 + r); smooth routing writes both blended experts of t, weighted; a
+    rank factor (modulation, rank schedule) writes A and B diag(d(t)), d(t) at t.
     ``models``: one model, or {component: model} (the text encoders' LoRA at the same t goes in too).
     """
     tensors, metadata = step_lora_state(models, t, prefix)

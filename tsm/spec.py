@@ -11,9 +11,18 @@ from tsm.intervals import DEFAULT_NUM_TIMESTEPS, Scale, check_scales, num_interv
 
 ROUTERS = ("asymmetric", "symmetric", "z_only", "t_only")
 ROUTINGS = ("hard", "smooth")
+MODULATIONS = ("none", "table")
+RANK_SCHEDULES = ("none", "tlora")
 # fields left out of the JSON while they hold these defaults, so a faithful-TSM file is byte-identical to one
 # written before the variants existed (and older tsm versions still read it)
-_OMIT_DEFAULTS = {"shared_rank": 0, "routing": "hard"}
+_OMIT_DEFAULTS = {
+    "shared_rank": 0,
+    "routing": "hard",
+    "modulation": "none",
+    "modulation_bins": 20,
+    "rank_schedule": "none",
+    "min_rank": 1,
+}
 
 
 @dataclass
@@ -44,6 +53,13 @@ class ExpertSpec:
     routing: str = (
         "hard"  # hard (paper): the interval's expert | smooth: the finest scale's two nearest, hat-weighted
     )
+    # one LoRA whose rank channels vary with t: dW(t) = s * B diag(d(t)) A (scales (1,) only, see `rank_factor`)
+    modulation: str = (
+        "none"  # none | table: d(t) = 1 + g[bin(t)], g a learned zero-initialised (bins, r) table
+    )
+    modulation_bins: int = 20  # rows of g: bin(t) = floor(t * bins / T), equal bins of [0, T)
+    rank_schedule: str = "none"  # none | tlora: only the first r(t) ranks are on (T-LoRA, arXiv 2507.05964)
+    min_rank: int = 1  # tlora: r(t) = floor((rank - min_rank) * (T - t) / T) + min_rank, rank at t = 0
 
     def __post_init__(self) -> None:
         self.scales = check_scales(self.scales, self.num_timesteps)
@@ -70,6 +86,32 @@ class ExpertSpec:
             raise TsmError(f"shared_rank must be an int >= 0 (0: no shared expert), got {self.shared_rank!r}")
         if self.routing not in ROUTINGS:
             raise TsmError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        self._check_rank_factor()
+
+    def _check_rank_factor(self) -> None:
+        if self.modulation not in MODULATIONS:
+            raise TsmError(f"modulation must be one of {', '.join(MODULATIONS)}, got {self.modulation!r}")
+        if self.rank_schedule not in RANK_SCHEDULES:
+            raise TsmError(
+                f"rank_schedule must be one of {', '.join(RANK_SCHEDULES)}, got {self.rank_schedule!r}"
+            )
+        bins = self.modulation_bins
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= self.num_timesteps:
+            raise TsmError(f"modulation_bins must be an int in [1, {self.num_timesteps}], got {bins!r}")
+        low = self.min_rank
+        if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= self.rank:
+            raise TsmError(f"min_rank must be an int in [1, rank={self.rank}], got {low!r}")
+        if self.varies_in_rank and (self.scales != (1,) or self.shared_rank or self.routing != "hard"):
+            raise TsmError(
+                "modulation and rank_schedule shape one full-range LoRA: use scales [1] with no shared_rank "
+                f"and hard routing (got scales {list(self.scales)}, shared_rank {self.shared_rank}, "
+                f"routing {self.routing})"
+            )
+
+    @property
+    def varies_in_rank(self) -> bool:
+        """True when the LoRA's rank channels are weighted by a function of t (modulation, rank_schedule)."""
+        return self.modulation != "none" or self.rank_schedule != "none"
 
     @property
     def scaling(self) -> float:

@@ -94,6 +94,8 @@ class Row:
     routing: str = "hard"  # experts.routing: hard | smooth (hat-function blend of neighbouring experts)
     warm_start: float = 0.0  # train.warm_start_fraction: one LoRA first, copied into every expert
     assemble_experts_lr: float | None = None  # train.assemble_experts_lr: experts keep training in stage 2
+    modulation: str = "none"  # experts.modulation: table: one LoRA with B diag(1 + g(t)) A (lora rows)
+    rank_schedule: str = "none"  # experts.rank_schedule: tlora: fewer active ranks at high noise (lora rows)
 
     @property
     def key(self) -> str:
@@ -106,6 +108,8 @@ class Row:
             "experts.routing": (self.routing, "hard"),
             "train.warm_start_fraction": (self.warm_start, 0.0),
             "train.assemble_experts_lr": (self.assemble_experts_lr, None),
+            "experts.modulation": (self.modulation, "none"),
+            "experts.rank_schedule": (self.rank_schedule, "none"),
         }
         return {k: v for k, (v, default) in keys.items() if v != default}
 
@@ -143,7 +147,22 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
                 ),
                 Row(task, f"TSM 1-stage n=8 @{scale:g}x", "foster", scales=(8,), budget_scale=scale),
             ]
+        r += form_rows(task, FORMS_N)
     return [replace(x, seed=seed) for x in r]
+
+
+FORMS_N = 4  # the forms that vary one LoRA with t are run at n = 4 only (--full)
+
+
+def form_rows(task: str, n: int) -> list[Row]:
+    """One LoRA r=4n at n x steps that still varies with t, every parameter updated every step (--full only):
+    the modulated bottleneck B diag(1 + g(t)) A (the LoRA's parameters plus a 20 x r table per layer) and
+    T-LoRA's rank schedule (the LoRA's parameters), each judged against the plain LoRA r=4n at n x steps."""
+    lora = dict(rank=4 * n, step_factor=n)
+    return [
+        Row(task, f"LoRA r={4 * n} modulated, {n}x steps", "lora", **lora, modulation="table"),
+        Row(task, f"T-LoRA r={4 * n}, {n}x steps", "lora", **lora, rank_schedule="tlora"),
+    ]
 
 
 CURVE_SCALES = (0.5, 2.0)  # with the 1x rows: the curve's three budgets
@@ -187,6 +206,8 @@ def comparisons(name: str) -> dict[str, str]:
     variant also against the faithful TSM row it changes."""
     if "@" in name:  # a point of the quality-vs-compute curve: plotted, not judged
         return {}
+    if " modulated, " in name or name.startswith("T-LoRA r="):  # a form of one LoRA: against that LoRA
+        return {"same LoRA, equal compute": name.removeprefix("T-").replace(" modulated", "")}
     n = int(name.split("n=")[1].split()[0].rstrip(",")) if "n=" in name else 0
     if name.endswith("x steps") and name.startswith("TSM"):  # a mixed-batch row against its 1x-steps twin
         return {
@@ -284,6 +305,8 @@ def row_config(row: Row, budget: Budget, base: Path, out: Path, **train: Any) ->
     variant = row.variant_overrides()
     if method == "foster":  # stage-2 keys apply to the assembling run only
         variant.pop("train.assemble_experts_lr", None)
+    elif method == "lora":  # the forms of one LoRA (modulation, rank schedule)
+        variant = {k: v for k, v in variant.items() if k in ("experts.modulation", "experts.rank_schedule")}
     else:
         variant = {k: v for k, v in variant.items() if k == "train.assemble_experts_lr"}
     overrides = {

@@ -70,6 +70,11 @@ class LoraFosterRecipe(Recipe):
         self.warm_steps = round(tc.warm_start_fraction * tc.steps) if tc.method == "foster" else 0
         self.warm_hooks: list[Any] = []
         self.per_expert = tc.batch_per_expert and tc.method == "foster" and tc.only_expert is None
+        self.share_scaled = tc.share_scaled_lr and tc.method == "foster"
+        if self.share_scaled and len(self.parts) > 1:
+            raise TsmError(
+                "train.share_scaled_lr is not available with Wan 2.2's two transformers yet; unset it"
+            )
         self.batch = self.global_batch()
         world = acc.num_processes
         if self.batch % (tc.grad_accum * world):
@@ -170,6 +175,26 @@ class LoraFosterRecipe(Recipe):
             lr = self.cfg.train.assemble_experts_lr
             groups.append({"params": expert_weights(module), "lr": lr, "weight_decay": wd})
         return groups
+
+    # --- share-scaled steps ------------------------------------------------------------------------------
+    def expert_snapshot(self, factors: dict[int, float]) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """(param, its value before the step, factor) of every A and B of an expert whose factor is not 1."""
+        out = []
+        for module in expert_modules(self.c).values():
+            for _, layer in expert_layers(module):
+                for e, key in enumerate(layer.keys):
+                    c = factors.get(e, 1.0)
+                    if c != 1.0:
+                        out += [(p, p.detach().clone(), c) for p in (layer.lora_A[key], layer.lora_B[key])]
+        return out
+
+    @staticmethod
+    @torch.no_grad()
+    def scale_steps(before: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """p = p0 + c (p - p0): the step (AdamW's, weight decay included) of an lr scaled by c; the optimizer's
+        moments are those of the unscaled gradients."""
+        for p, p0, c in before:
+            p.sub_(p0).mul_(c).add_(p0)
 
     # --- warm start --------------------------------------------------------------------------------------
     def begin(self, step: int) -> None:
@@ -332,7 +357,14 @@ class LoraFosterRecipe(Recipe):
                 acc.unscale_gradients()  # fp16: clip the true gradients
                 for module in expert_modules(c).values():
                     clip_grad_norm_per_expert(module, cfg.optim.max_grad_norm)
+            if self.share_scaled:
+                factors = share_factors(
+                    self.expert_ids(draws["t"], draws["scales"]), draws["scales"], self.routing.spec
+                )
+                before = self.expert_snapshot(factors)
             self.opt.step()
+            if self.share_scaled:
+                self.scale_steps(before)
             self.sched.step()
             if self.ema is not None:
                 self.ema.step(self.ema_params())
@@ -422,6 +454,26 @@ class LoraFosterRecipe(Recipe):
 
 
 # ---------------------------------------------------------------------------------------------------------
+def share_factors(ids: torch.Tensor, scales: torch.Tensor, spec: Any) -> dict[int, float]:
+    """``train.share_scaled_lr``: the factor on each expert's step, by global expert id.
+
+    An expert's loss is its own mean (`tsm.expert_loss_weights`), so its gradient does not grow with its
+    samples, and Adam's step would not follow a rescaled gradient anyway: the step itself is scaled. Expert e
+    of scale s gets c_e = n_e / (N_s / K_s): its samples over its even share of the N_s samples that fostered
+    scale s this step, K_s the experts of that scale (one scale: K x its share of the batch). Over a uniform t
+    the factors average 1; an expert that drew no sample has no gradient and does not move."""
+    counts = torch.bincount(ids, minlength=sum(spec.experts_per_scale)).double()  # (K,)
+    offsets = [sum(spec.experts_per_scale[:s]) for s in range(len(spec.scales))]
+    factors = {}
+    for s, k in enumerate(spec.experts_per_scale):
+        n_s = int((scales == s).sum())
+        for i in range(k):
+            e = offsets[s] + i
+            if counts[e] > 0:
+                factors[e] = float(counts[e] * k / n_s)
+    return factors
+
+
 def _rows(items: Any, keep: torch.Tensor) -> Any:
     """The rows ``keep`` (B,) bool of a loader batch (a dict of tensors and lists) or of a list."""
     if isinstance(items, dict):

@@ -81,6 +81,10 @@ def expert_specs(cfg: Config, c: Components) -> dict[str, ExpertSpec]:
         router=e.router,
         shared_rank=e.shared_rank,
         routing=e.routing,
+        modulation=e.modulation,
+        modulation_bins=e.modulation_bins,
+        rank_schedule=e.rank_schedule,
+        min_rank=e.min_rank,
         num_timesteps=c.objective.num_timesteps,
         timestep_scale=family.timestep_scale,
     )
