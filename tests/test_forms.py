@@ -3,7 +3,6 @@
 merges at sampling, saves, exports a step as a diffusers LoRA and resumes bit-identically."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 from test_experts import Net, make_input
 from test_io import denoise, tiny_pipeline, tiny_unet
 from test_variant_recipes import adapters, assert_identical, data, make_config, resumed_from  # noqa: F401
+from test_variants import stand_in_components
 
 import tsm
 from tsm.config import Config, ExpertsConfig, TrainConfig, validate
@@ -89,14 +89,7 @@ def test_config_keys_validate_and_reach_the_expert_specs():
     ):
         with pytest.raises(tsm.TsmError, match=match):
             validate(Config(experts=ExpertsConfig(**bad), train=TrainConfig(method="foster")))
-    family = SimpleNamespace(
-        default_targets=["a", "b"],
-        timestep_scale=1.0,
-        denoiser_subfolder="unet",
-        default_text_targets=[],
-        text_expert_subfolders=[],
-    )
-    c = SimpleNamespace(family=family, objective=SimpleNamespace(num_timesteps=1000))
+    c = stand_in_components()
     experts = ExpertsConfig(rank=4, modulation="table", modulation_bins=5, rank_schedule="tlora", min_rank=2)
     cfg = Config(experts=experts, train=TrainConfig(method="lora"))
     validate(cfg)

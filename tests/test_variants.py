@@ -53,9 +53,8 @@ def test_spec_fields_validate_and_faithful_json_is_unchanged():
             validate(Config(experts=ExpertsConfig(**bad)))
 
 
-def test_config_keys_reach_the_expert_specs():
-    from tsm.recipes.run import expert_specs
-
+def stand_in_components() -> SimpleNamespace:
+    """What `expert_specs` reads of a loaded model: a family with two targets, no text experts, T = 1000."""
     family = SimpleNamespace(
         default_targets=["a", "b"],
         timestep_scale=1.0,
@@ -63,7 +62,13 @@ def test_config_keys_reach_the_expert_specs():
         default_text_targets=[],
         text_expert_subfolders=[],
     )
-    c = SimpleNamespace(family=family, objective=SimpleNamespace(num_timesteps=1000))
+    return SimpleNamespace(family=family, objective=SimpleNamespace(num_timesteps=1000))
+
+
+def test_config_keys_reach_the_expert_specs():
+    from tsm.recipes.run import expert_specs
+
+    c = stand_in_components()
     cfg = Config(experts=ExpertsConfig(scales=[4, 1], shared_rank=3, routing="smooth"))
     cfg.train.method = "foster"
     spec = expert_specs(cfg, c)["unet"]
