@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tsm.data import IMAGE_EXTS, _read_caption, _read_metadata, _walk, user_cache_dir
 from tsm.errors import TsmError, shorten
+from tsm.io import _atomic_save
 
 SAMPLE_PROMPTS = "prompts.json"  # tsm sample: {"p00_seed0": "a red car", ...}
 SAMPLE_GRID = "grid.png"
@@ -155,14 +156,8 @@ class ScoreCache:
     def add(self, values: dict[str, torch.Tensor]) -> None:
         if not values:
             return
-        from safetensors.torch import save_file
-
-        values = {k: v.detach().float().cpu().contiguous() for k, v in values.items()}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"chunk_{uuid.uuid4().hex}.safetensors"
-        tmp = self.directory / f".{name}.tmp"
-        save_file(values, str(tmp))
-        os.replace(tmp, self.directory / name)
+        values = {k: v.detach().float().cpu() for k, v in values.items()}
+        _atomic_save(values, self.directory / f"chunk_{uuid.uuid4().hex}.safetensors", {})
         self.values.update(values)
 
 
