@@ -248,14 +248,24 @@ def _export_pair(args: argparse.Namespace, c: object) -> None:
     print(f"wrote {len(paths)} {args.format} LoRA file(s) to {out}: {', '.join(p.name for p in paths)}")
 
 
+def _workflow_settings(args: argparse.Namespace, cfg: object, c: object) -> tuple[str, int, float]:
+    """A ComfyUI workflow's prompt (the first validation prompt by default, with the run's trigger in front, as
+    `tsm sample` prompts the run), sampler steps and cfg (the family's / the run's, as `tsm sample`)."""
+    from tsm.recipes.run import guidance_of
+    from tsm.sampling import with_trigger
+
+    prompt = args.prompt if args.prompt is not None else (cfg.train.validation_prompts or [""])[0]
+    steps = c.family.default_steps if args.steps is None else args.steps
+    guidance = guidance_of(cfg, c) if args.guidance is None else args.guidance
+    return with_trigger([prompt], cfg.data.trigger)[0], steps, guidance
+
+
 def _export_comfyui_pair(args: argparse.Namespace, cfg: object, c: object) -> None:
     """Wan 2.2: each transformer's LoRA files in ComfyUI's names (one per interval of its finest scale) and the
     two-sampler workflow: KSamplerAdvanced on the high-noise model until t crosses the boundary, then on the
     low-noise model, for the workflow's own schedule and step count."""
     from tsm import comfyui, io
     from tsm.inject import ATTR, get_routing
-    from tsm.recipes.run import guidance_of
-    from tsm.sampling import with_trigger
 
     files = dict(comfyui.WAN22_FILES)
     # --ckpt HIGH,LOW: the two diffusion models as ComfyUI's models/diffusion_models/ lists them
@@ -294,12 +304,10 @@ def _export_comfyui_pair(args: argparse.Namespace, cfg: object, c: object) -> No
             file = out / (f"{name}_{label}.safetensors" if n == 1 else f"{name}_s0_i{i}_{label}.safetensors")
             paths.append(comfyui.save_as(state, file, "comfyui", c.family.name))
             loras[key].append(file.name)
-    prompt = args.prompt if args.prompt is not None else (cfg.train.validation_prompts or [""])[0]
-    steps = c.family.default_steps if args.steps is None else args.steps
+    prompt, steps, guidance = _workflow_settings(args, cfg, c)
     graph = comfyui.wan22_workflow(
         loras, scales, c.extra["boundary_timestep"], float(c.scheduler.config.get("flow_shift", 1.0)),
-        c.objective.num_timesteps, files, with_trigger([prompt], cfg.data.trigger)[0], args.negative_prompt,
-        steps, guidance_of(cfg, c) if args.guidance is None else args.guidance, side[0], side[1],
+        c.objective.num_timesteps, files, prompt, args.negative_prompt, steps, guidance, side[0], side[1],
         cfg.data.num_frames, args.seed,
     )  # fmt: skip
     comfyui.check_graph(graph)
@@ -320,8 +328,6 @@ def _export_comfyui(args: argparse.Namespace, cfg: object, c: object) -> None:
     from tsm import comfyui
     from tsm.data import resolve_buckets
     from tsm.inject import ATTR
-    from tsm.recipes.run import guidance_of
-    from tsm.sampling import with_trigger
 
     if args.module not in (None, c.family.denoiser_subfolder):
         raise TsmError("--comfyui exports the denoiser's experts; leave out --module")
@@ -345,7 +351,7 @@ def _export_comfyui(args: argparse.Namespace, cfg: object, c: object) -> None:
             f"the image size must be multiples of 8 (ComfyUI's latents are 1/8), got {width}x{height}"
         )
     texts = [n for n, m in c.text_encoders.items() if getattr(m, ATTR, None) is not None]
-    prompt = args.prompt if args.prompt is not None else (cfg.train.validation_prompts or [""])[0]
+    prompt, steps, guidance = _workflow_settings(args, cfg, c)
     paths = comfyui.export_run(
         c.denoiser,
         c.family.name,
@@ -355,10 +361,10 @@ def _export_comfyui(args: argparse.Namespace, cfg: object, c: object) -> None:
         width=width,
         height=height,
         ckpt_name=args.ckpt,
-        prompt=with_trigger([prompt], cfg.data.trigger)[0],  # as tsm sample prompts the run
+        prompt=prompt,
         negative_prompt=args.negative_prompt,
-        steps=c.family.default_steps if args.steps is None else args.steps,
-        cfg=guidance_of(cfg, c) if args.guidance is None else args.guidance,
+        steps=steps,
+        cfg=guidance,
         seed=args.seed,
     )
     print(
