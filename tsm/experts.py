@@ -169,7 +169,7 @@ class ExpertLayer(nn.Module):
 
     def _step_key(self, expert: int, state: RoutingState) -> StepKey | None:
         """The merge key at the batch's one t, or None when its samples differ in t (no merge)."""
-        t = _shared_t(self.routing, state)
+        t = state.uniform_t
         if t is None:
             return None
         row = t * self.bins // self.num_timesteps if self.modulation is not None else 0
@@ -392,16 +392,3 @@ class ExpertLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={len(self.keys)}, scaling={self.scaling:g}, merged={self.merged}"
-
-
-def _shared_t(routing: Routing, state: RoutingState) -> int | None:
-    """The integer t every sample of ``state`` shares (None: they differ). Read from the device once per routing
-    state for all the model's layers: the value is kept on the routing object beside the state it belongs to."""
-    memo = routing.__dict__.get("shared_t")
-    if memo is not None and memo[0] is state:
-        return memo[1]
-    lo, hi = torch.aminmax(state.t_index)
-    lo, hi = torch.stack([lo, hi]).tolist()  # one device sync
-    value = lo if lo == hi else None
-    routing.__dict__["shared_t"] = (state, value)
-    return value

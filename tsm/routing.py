@@ -7,6 +7,7 @@ recomputing -- as long as no other forward of the same model ran in between.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,13 @@ class RoutingState:
         if hi is None or w is None:
             return None
         return lo if w == 0.0 else (lo, hi, w)
+
+    @functools.cached_property
+    def uniform_t(self) -> int | None:
+        """The integer t every sample shares (None: they differ), read from the device once per state for
+        all the model's layers (what a rank factor d(t) merges by)."""
+        lo, hi = torch.stack(torch.aminmax(self.t_index)).tolist()  # one device sync
+        return lo if lo == hi else None
 
 
 def hat_weights(
