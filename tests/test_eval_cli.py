@@ -167,15 +167,15 @@ class _Components:
     family = _Family()
 
 
-def _fake_run(tmp_path, monkeypatch):
-    """A run directory whose sampling is stubbed (load_run / sample_run), so the suite's own logic is tested
-    here; each sampled image is noise drawn from its seed."""
+def _fake_run(tmp_path, monkeypatch, family="sd15"):
+    """A run directory of ``family`` whose sampling is stubbed (load_run / sample_run), so the suite's own logic
+    is tested here; each sampled image is noise drawn from its seed."""
     import tsm.recipes.run as run_module
     from tsm.config import Config
 
     run = tmp_path / "runs" / "tiny"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text("model:\n  family: sd15\n")
+    (run / "config.yaml").write_text(f"model:\n  family: {family}\n")
     sampled = []
 
     def sample_run(cfg, c, prompts, seeds, steps, guidance, resolution, progress=True, desc=""):
@@ -185,6 +185,7 @@ def _fake_run(tmp_path, monkeypatch):
         )
 
     cfg = Config()
+    cfg.model.family = family
     cfg.data.resolution = 32
     monkeypatch.setattr(run_module, "load_run", lambda path, device="cpu": (cfg, _Components()))
     monkeypatch.setattr(run_module, "sample_run", sample_run)
@@ -237,6 +238,73 @@ def test_compbench_suite_samples_scores_and_tabulates(tiny, tmp_path, capsys, mo
     sampled.clear()
     assert main(argv) == 0 and sampled == []
     assert json.loads((where / "results.json").read_text())["columns"] == results["columns"]
+
+
+PUBLISHED = {  # family -> (label as printed, Colour, Shape, Texture, Non-spatial), as the sources print them
+    "sd15": (
+        "published: SD v1.5 base (ELLA, arXiv 2403.05135, Table 3)",
+        "0.3750",
+        "0.3724",
+        "0.4159",
+        "0.3088",
+    ),
+    "sdxl": (
+        "published: SDXL base (PixArt-α, arXiv 2310.00426, Table 3; from T2I-CompBench)",
+        "0.6369",
+        "0.5408",
+        "0.5637",
+        "0.3110",
+    ),
+    "pixart": (
+        "published: PixArt-α base (PixArt-α, arXiv 2310.00426, Table 3)",
+        "0.6886",
+        "0.5582",
+        "0.7044",
+        "0.3179",
+    ),
+}
+
+
+def test_published_rows_are_the_sources_numbers():
+    from tsm.bench.eval import PAPER_ROWS, PUBLISHED_ROWS
+
+    columns = ["Colour", "Shape", "Texture", "Non-spatial"]
+    assert {
+        family: tuple([f"published: {label}"] + [f"{row[c]:.4f}" for c in columns])
+        for family, rows in PUBLISHED_ROWS.items()
+        for label, row in rows.items()
+    } == PUBLISHED
+    assert PAPER_ROWS == {}  # the TSM paper's own rows stay for --compare
+
+
+@pytest.mark.parametrize("family", ["sd15", "pixart", "sd3"])
+def test_compbench_table_prints_the_family_s_published_row(tiny, tmp_path, capsys, monkeypatch, family):
+    """The run's family picks the published base row (sd15 ELLA's, pixart PixArt-α's); sd3 has none."""
+    run, _ = _fake_run(tmp_path, monkeypatch, family)
+    files = []
+    for category in ("color", "shape", "texture", "non_spatial"):
+        files.append(tmp_path / f"{category}_val.txt")
+        files[-1].write_text("a red car\n")
+    monkeypatch.setattr(bvqa, "spacy_chunker", lambda: lambda prompt: [prompt])
+    argv = ["eval", str(run), "--suite", "compbench", "--prompts", *map(str, files), "--seeds", "0"]
+    assert main([*argv, "--blip", tiny["blip"], "--clip", tiny["clip"], "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| row | Colour | Shape | Texture | Non-spatial |" and rows[1].startswith(
+        "| tiny (seeds 0) |"
+    )
+    results = json.loads((run / "eval" / "compbench" / "results.json").read_text())
+    if family in PUBLISHED:
+        label, *values = PUBLISHED[family]
+        assert rows[2:] == [f"| {label} | " + " | ".join(values) + " |"]
+        assert results["compare"] == {
+            label: dict(zip(["Colour", "Shape", "Texture", "Non-spatial"], map(float, values), strict=True))
+        }
+        assert f"the 'published:' row is the {family} base model's own score" in out
+    else:
+        assert rows[2:] == [] and results["compare"] == {}
+        assert "no published base-model row for sd3 was found" in out
+    assert f"the TSM paper's rows for {family} are not recorded in tsm" in out
 
 
 def test_suite_bad_input_is_one_line(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """`tsm eval`: score a folder of images (B-VQA, CLIPScore, FID, Patch-FID), or sample a trained run on a
-benchmark's prompts and score it (T2I-CompBench, COCO) with a table beside the paper's rows.
+benchmark's prompts and score it (T2I-CompBench, COCO) with a table beside the base model's published rows
+(T2I-CompBench) and any ``--compare`` rows.
 
     tsm eval images DIR --metric bvqa|clipscore|fid|patch-fid [--model ID] [--reference DIR] [--questions FILE]
     tsm eval RUN --suite compbench --prompts color_val.txt shape_val.txt texture_val.txt non_spatial_val.txt
@@ -46,6 +47,36 @@ COMPBENCH_CLIP = "openai/clip-vit-base-patch32"
 # be read where this was written (docs/eval.md). Give them with --compare FILE instead of trusting a number
 # typed from memory.
 PAPER_ROWS: dict[str, dict[str, dict[str, float]]] = {}
+# The base models' own published T2I-CompBench scores (their protocol: B-VQA, CLIP ViT-B/32 mean cosine), by
+# family, printed beside the run's compbench row: the untrained base a run starts from, not the TSM paper's
+# rows. Each label names its source; the numbers are the sources' as printed (Complex and Spatial left out,
+# since tsm does not score them). No published row for SD3 was found; see docs/eval.md.
+PUBLISHED_ROWS: dict[str, dict[str, dict[str, float]]] = {
+    "sd15": {
+        "SD v1.5 base (ELLA, arXiv 2403.05135, Table 3)": {
+            "Colour": 0.3750,
+            "Shape": 0.3724,
+            "Texture": 0.4159,
+            "Non-spatial": 0.3088,
+        },
+    },
+    "sdxl": {
+        "SDXL base (PixArt-α, arXiv 2310.00426, Table 3; from T2I-CompBench)": {
+            "Colour": 0.6369,
+            "Shape": 0.5408,
+            "Texture": 0.5637,
+            "Non-spatial": 0.3110,
+        },
+    },
+    "pixart": {
+        "PixArt-α base (PixArt-α, arXiv 2310.00426, Table 3)": {
+            "Colour": 0.6886,
+            "Shape": 0.5582,
+            "Texture": 0.7044,
+            "Non-spatial": 0.3179,
+        },
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,14 +376,24 @@ def run_suite(
         family = load_config(
             (run if (run / "config.yaml").is_file() else run.parent.parent) / "config.yaml"
         ).model.family
-    others = {f"paper: {name}": row for name, row in PAPER_ROWS.get(family, {}).items()}
+    published = PUBLISHED_ROWS.get(family, {}) if suite == "compbench" else {}
+    others = {f"published: {name}": dict(row) for name, row in published.items()}
+    others.update({f"paper: {name}": row for name, row in PAPER_ROWS.get(family, {}).items()})
     others.update(read_compare(compare))
     label = f"{run.name} (seeds {' '.join(map(str, seeds))})"
     text = table(columns, ours, label, others)
     notes = [f"{n}: not implemented — {why}" for n, why in NOT_IMPLEMENTED.items() if suite == "compbench"]
     if not PAPER_ROWS.get(family):
+        if published:
+            extra = f"the 'published:' row is the {family} base model's own score, printed for reference"
+        elif suite == "compbench":
+            extra = f"no published base-model row for {family} was found either"
+        else:
+            extra = ""
         notes.append(
-            f"the paper's rows for {family} are not recorded in tsm: see docs/eval.md; --compare FILE adds rows"
+            f"the TSM paper's rows for {family} are not recorded in tsm"
+            + (f"; {extra}" if extra else "")
+            + ": see docs/eval.md; --compare FILE adds rows"
         )
     results = {
         "suite": suite,
