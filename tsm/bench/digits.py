@@ -51,6 +51,10 @@ from tsm.errors import TsmError
 TASKS = ("domain", "post", "appearance")
 # the metric each task's verdicts are read on, and whether higher is better
 MAIN_METRIC = {"domain": ("fid", False), "post": ("fid", False), "appearance": ("ink_err", False)}
+# binding, judged too where a task asks for it: fg+bg colour accuracy on held-out combos (chance: 1/30, one of the
+# 30 ordered pairs of 6 colours with fg != bg)
+BINDING_METRIC = {"domain": ("color_acc", True)}
+BINDING_CHANCE = 1 / 30
 QUICK_NS, FULL_NS = (4,), (2, 4, 8)  # the expert counts n of each mode's rows
 TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -96,6 +100,9 @@ class Row:
     assemble_experts_lr: float | None = None  # train.assemble_experts_lr: experts keep training in stage 2
     modulation: str = "none"  # experts.modulation: table: one LoRA with B diag(1 + g(t)) A (lora rows)
     rank_schedule: str = "none"  # experts.rank_schedule: tlora: fewer active ranks at high noise (lora rows)
+    share_scaled_lr: bool = (
+        False  # train.share_scaled_lr: each expert's step times its share of a mixed batch
+    )
 
     @property
     def key(self) -> str:
@@ -110,6 +117,7 @@ class Row:
             "train.assemble_experts_lr": (self.assemble_experts_lr, None),
             "experts.modulation": (self.modulation, "none"),
             "experts.rank_schedule": (self.rank_schedule, "none"),
+            "train.share_scaled_lr": (self.share_scaled_lr, False),
         }
         return {k: v for k, (v, default) in keys.items() if v != default}
 
@@ -152,6 +160,55 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
 
 
 FORMS_N = 4  # the forms that vary one LoRA with t are run at n = 4 only (--full)
+LONG_NS = (4,)  # --long: the expert counts (--long-n 4 8 adds n = 8)
+LONG_BUDGETS = (1.0, 4.0, 16.0)  # --long: every stage's steps times these (1x: quick mode's 60 per expert)
+
+
+def budget_suffix(scale: float) -> str:
+    """A row name's budget tag: "" at 1x (the quick rows' own names), " @4x" otherwise."""
+    return "" if scale == 1 else f" @{scale:g}x"
+
+
+def split_budget(name: str) -> tuple[str, str]:
+    """(row name at 1x, budget suffix) of a row name: "TSM 1-stage n=4 @16x" -> ("TSM 1-stage n=4", " @16x")."""
+    if " @" in name:
+        head, tail = name.rsplit(" @", 1)
+        return head, f" @{tail}"
+    return name, ""
+
+
+def long_rows(
+    task: str, ns: tuple[int, ...] = LONG_NS, budgets: tuple[float, ...] = LONG_BUDGETS
+) -> list[Row]:
+    """``--long``: at each n and budget, the equal LoRA (r=4n at n x steps) and every form that competes with it
+    for the same samples and parameters: faithful TSM 1-stage n (the paper's bookkeeping), TSM n on mixed
+    batches, shared + residual experts on mixed batches, the same with each expert's step scaled by its share
+    of the batch, the modulated bottleneck and T-LoRA's rank schedule. Plus the base, once."""
+    rows = [Row(task, "base", "base")]
+    for n in ns:
+        mixed = dict(step_factor=n, mixed=True)
+        lora = dict(rank=4 * n, step_factor=n)
+        shared = dict(scales=(n,), rank=2, shared_rank=2 * n)
+        for scale in budgets:
+            at = budget_suffix(scale)
+            forms = [
+                Row(task, f"LoRA r={4 * n}, {n}x steps{at}", "lora", **lora),
+                Row(task, f"TSM 1-stage n={n}{at}", "foster", scales=(n,)),
+                Row(task, f"TSM 1-stage n={n}, {n}x steps{at}", "foster", scales=(n,), **mixed),
+                Row(task, f"TSM shared r={2 * n} + n={n} r=2, {n}x steps{at}", "foster", **shared, **mixed),
+                Row(
+                    task,
+                    f"TSM shared r={2 * n} + n={n} r=2 share-scaled lr, {n}x steps{at}",
+                    "foster",
+                    **shared,
+                    **mixed,
+                    share_scaled_lr=True,
+                ),
+                Row(task, f"LoRA r={4 * n} modulated, {n}x steps{at}", "lora", **lora, modulation="table"),
+                Row(task, f"T-LoRA r={4 * n}, {n}x steps{at}", "lora", **lora, rank_schedule="tlora"),
+            ]
+            rows += [replace(r, budget_scale=scale) for r in forms]
+    return rows
 
 
 def form_rows(task: str, n: int) -> list[Row]:
@@ -204,11 +261,17 @@ def comparisons(name: str) -> dict[str, str]:
     """The LoRA rows a TSM row is judged against: same rank at equal compute (for a 2-stage row the same-rank
     LoRA at the 1-stage's compute: no r=4 row at (n+2) x is run), and equal parameters at equal compute; a
     variant also against the faithful TSM row it changes."""
-    if "@" in name:  # a point of the quality-vs-compute curve: plotted, not judged
-        return {}
+    name, at = split_budget(name)
+    if at:  # a row at another budget: judged against the same rows at that budget
+        return {what: f"{other}{at}" for what, other in comparisons(name).items()}
     if " modulated, " in name or name.startswith("T-LoRA r="):  # a form of one LoRA: against that LoRA
         return {"same LoRA, equal compute": name.removeprefix("T-").replace(" modulated", "")}
     n = int(name.split("n=")[1].split()[0].rstrip(",")) if "n=" in name else 0
+    if " share-scaled lr, " in name:  # against the same mixed-batch row with every expert's step unscaled
+        return {
+            "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
+            "against its unscaled twin": name.replace(" share-scaled lr", ""),
+        }
     if name.endswith("x steps") and name.startswith("TSM"):  # a mixed-batch row against its 1x-steps twin
         return {
             "equal params and compute": f"LoRA r={4 * n}, {n}x steps",
@@ -483,6 +546,23 @@ class BenchConfig:
     base: str | None = None  # base model folder (default: the shipped one; retrained if missing)
     only: list[str] | None = None  # run only the rows with these names
     net_steps: int | None = None  # training steps of the metric CNN (None: its default)
+    long: bool = (
+        False  # the long budgets: `long_rows` at `long_ns` x `budgets` instead of the quick/full rows
+    )
+    long_ns: list[int] = field(default_factory=lambda: list(LONG_NS))
+    budgets: list[float] = field(default_factory=lambda: list(LONG_BUDGETS))
+
+    def rows(self) -> list[Row]:
+        """Every row of the run, in table order (tasks, then seeds)."""
+        rows = []
+        for task in self.tasks:
+            for seed in self.seeds:
+                if self.long:
+                    made = long_rows(task, tuple(self.long_ns), tuple(self.budgets))
+                else:
+                    made = rows_for(task, self.full, seed)
+                rows += [replace(r, seed=seed) for r in made]
+        return rows if not self.only else [r for r in rows if r.name in self.only]
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -502,13 +582,14 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     load_net(net_path, cfg.net_steps)  # trained once, before the workers
     results_path = out / "results.json"
     done: dict[str, dict] = json.loads(results_path.read_text())["rows"] if results_path.is_file() else {}
-    rows = [r for task in cfg.tasks for seed in cfg.seeds for r in rows_for(task, cfg.full, seed)]
-    if cfg.only:
-        rows = [r for r in rows if r.name in cfg.only]
+    rows = cfg.rows()
     todo = [r for r in rows if r.key not in done]
     if done:
         print(f"resuming: {len(rows) - len(todo)} of {len(rows)} rows already in {results_path}")
-    todo.sort(key=lambda r: -row_units(r, cfg.budget))  # longest first: better packing over the workers
+    # longest first: better packing over the workers; --long: one task after another, so that an interrupted
+    # run leaves whole tasks (every budget and seed) to read
+    order = {task: i for i, task in enumerate(cfg.tasks)} if cfg.long else {}
+    todo.sort(key=lambda r: (order.get(r.task, 0), -row_units(r, cfg.budget)))
     total = sum(row_units(r, cfg.budget) for r in todo) + len(todo)  # +1 per row for its evaluation
     bar = tqdm(
         total=total,
@@ -572,7 +653,7 @@ METRICS = [
     ("digit_acc", "digit acc ↑"),
     ("fg_acc", "fg acc ↑"),
     ("bg_acc", "bg acc ↑"),
-    ("color_acc", "fg+bg acc ↑"),
+    ("color_acc", "fg+bg acc ↑ (chance 0.033)"),
     ("ink", "ink (ref 0.44)"),
     ("ink_err", "ink error ↓"),
 ]
@@ -602,17 +683,20 @@ def aggregate(done: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, dic
                 entry[k] = runs[0][k] if k != "seconds" else sum(x[k] for x in runs) / len(runs)
             entry["seeds"] = len(runs)
     for task, entries in table.items():
-        metric, higher = MAIN_METRIC[task]
+        judged = [("verdicts", *MAIN_METRIC[task])]
+        if task in BINDING_METRIC:
+            judged.append(("binding_verdicts", *BINDING_METRIC[task]))
         for name, entry in entries.items():
-            entry["verdicts"] = {}
-            for what, other in comparisons(name).items():
-                if other not in entries:
-                    continue
-                mine = {r["seed"]: r[metric] for r in entry["runs"]}
-                theirs = {r["seed"]: r[metric] for r in entries[other]["runs"]}
-                seeds = sorted(mine.keys() & theirs.keys())
-                v = verdict([mine[s] for s in seeds], [theirs[s] for s in seeds], higher)
-                entry["verdicts"][what] = {"against": other, "metric": metric, **v}
+            for key, metric, higher in judged:
+                entry[key] = {}
+                for what, other in comparisons(name).items():
+                    if other not in entries:
+                        continue
+                    mine = {r["seed"]: r[metric] for r in entry["runs"]}
+                    theirs = {r["seed"]: r[metric] for r in entries[other]["runs"]}
+                    seeds = sorted(mine.keys() & theirs.keys())
+                    v = verdict([mine[s] for s in seeds], [theirs[s] for s in seeds], higher)
+                    entry[key][what] = {"against": other, "metric": metric, **v}
     return table
 
 
@@ -623,7 +707,7 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
     lines = [
         "# Digits benchmark",
         "",
-        f"Mode: {'full' if cfg.full else 'quick'}; {seeds} seed{'s' if seeds > 1 else ''}"
+        f"Mode: {'long' if cfg.long else 'full' if cfg.full else 'quick'}; {seeds} seed{'s' if seeds > 1 else ''}"
         + (" (quick mode: one seed, so no error bars)" if seeds == 1 else " (mean ± std)")
         + f"; {b.steps} steps per expert at batch {b.batch}, lr {b.lr:g}; assembling {b.assemble_steps} router steps;"
         f" {sample_steps} {_scheduler_name()} steps, guidance {guidance:g}; wall time {wall / 60:.1f} min for the rows run now.",
@@ -658,9 +742,13 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
                 + " | ".join(cells)
                 + f" | {e['seconds']:.0f} |"
             )
-        judged = [(name, what, v) for name, e in entries.items() for what, v in e["verdicts"].items()]
-        if judged:
-            metric, higher = MAIN_METRIC[task]
+        judgements = [("verdicts", *MAIN_METRIC[task])]
+        if task in BINDING_METRIC:
+            judgements.append(("binding_verdicts", *BINDING_METRIC[task]))
+        for key, metric, higher in judgements:
+            judged = [(name, what, v) for name, e in entries.items() for what, v in e.get(key, {}).items()]
+            if not judged:
+                continue
             lines += [
                 "",
                 f"Verdicts on {metric} ({'higher' if higher else 'lower'} is better), paired by seed: *win* / *loss*"
@@ -672,7 +760,59 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
             for name, what, v in judged:
                 gain = f"{v['mean_gain']:+.3f} ± {v['se']:.3f}" if "mean_gain" in v else v.get("reason", "")
                 lines.append(f"| {name} | {v['against']} | {what} | **{v['verdict']}** | {gain} |")
+        if cfg.long:
+            lines += budget_matrix(task, entries, cfg.budgets)
     return "\n".join(lines) + "\n"
+
+
+EQUAL_LORA = "equal params and compute"
+
+
+def budget_matrix(task: str, entries: dict[str, dict], budgets: list[float]) -> list[str]:
+    """``--long``: one line per form, one column per budget: its verdict against the equal LoRA (LoRA r=4n at
+    n x steps, the same samples and parameters) on the main metric, and for a task that judges binding, the
+    fg+bg accuracy of every row at every budget."""
+    forms = [n for n in entries if not split_budget(n)[1] and n != "base"]
+    head = "| row | " + " | ".join(f"{b:g}x" for b in budgets) + " |"
+    rule = "|---|" + "---|" * len(budgets)
+    metric, higher = MAIN_METRIC[task]
+    lines = [
+        "",
+        f"Against the equal LoRA at each budget ({metric}, {'higher' if higher else 'lower'} is better; the gain"
+        " is mean ± SE of the paired difference, > 0 favours the row):",
+        "",
+        head,
+        rule,
+    ]
+    for form in forms:
+        cells = []
+        for b in budgets:
+            verdicts = entries.get(form + budget_suffix(b), {}).get("verdicts", {})
+            v = verdicts.get(EQUAL_LORA) or verdicts.get("same LoRA, equal compute")
+            if v is None or "mean_gain" not in v:
+                cells.append("—")
+            else:
+                cells.append(f"**{v['verdict']}** {v['mean_gain']:+.3g} ± {v['se']:.2g}")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {form} | " + " | ".join(cells) + " |")
+    if task in BINDING_METRIC:
+        metric, _ = BINDING_METRIC[task]
+        lines += [
+            "",
+            f"fg+bg accuracy on held-out combos (chance {BINDING_CHANCE:.3f}), mean ± std:",
+            "",
+            head,
+            rule,
+        ]
+        for form in ["base", *forms]:
+            cells = []
+            for b in budgets:
+                e = entries.get(form if form == "base" else form + budget_suffix(b))
+                cells.append(
+                    "—" if e is None or metric not in e else f"{e[metric][0]:.3f} ± {e[metric][1]:.3f}"
+                )
+            lines.append(f"| {form} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _scheduler_name() -> str:
@@ -699,10 +839,21 @@ def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall
     print(md)
     bar_plot(table, out / "results.png")
     curve_plot(table, out / "curve.png")
+    if cfg.long:
+        long_curve_plot(table, out / "curves.png", cfg.budgets)
+    if cfg.long:  # the grids of the largest budget (and the base)
+        top = budget_suffix(max(cfg.budgets))
+        rows = [r for r in rows if r.name == "base" or (split_budget(r.name)[1] == top)]
     side_by_side(out, rows, done, cfg.budget.eval_per_prompt)
     verdicts = {t: {n: e["verdicts"] for n, e in d.items() if e["verdicts"]} for t, d in table.items()}
+    binding = {
+        t: {n: e["binding_verdicts"] for n, e in d.items() if e.get("binding_verdicts")}
+        for t, d in table.items()
+    }
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
-    (out / "results.json").write_text(json.dumps({**results, "verdicts": verdicts}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({**results, "verdicts": verdicts, "binding_verdicts": binding}, indent=2)
+    )
     return {
         "table": {
             t: {n: {k: v for k, v in e.items() if k != "runs"} for n, e in d.items()}
@@ -782,6 +933,46 @@ def curve_plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def long_curve_plot(table: dict, path: Path, budgets: list[float]) -> None:
+    """``--long``: each task's main metric against training samples seen, one line per form (every form at a
+    budget sees the same samples with the same parameters); the domain task's binding accuracy beside it, with
+    chance drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(task, *MAIN_METRIC[task]) for task in table]
+    panels += [(task, *BINDING_METRIC[task]) for task in table if task in BINDING_METRIC]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    for ax, (task, metric, higher) in zip(axes[0], panels, strict=True):
+        entries = table[task]
+        forms = [n for n in entries if not split_budget(n)[1] and n != "base"]
+        for k, form in enumerate(forms):
+            pts = sorted(
+                (e["samples_trained"], *e[metric])
+                for b in budgets
+                if (e := entries.get(form + budget_suffix(b))) is not None and metric in e
+            )
+            if pts:
+                x, y, err = zip(*pts, strict=True)
+                style = "-" if form.startswith("LoRA r=") and "modulated" not in form else "--"
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, ls=style, label=form, color=f"C{k}")
+        if metric == "color_acc":
+            ax.axhline(BINDING_CHANCE, color="0.5", ls=":", label="chance")
+            ax.axhline(3 * BINDING_CHANCE, color="0.7", ls=":", label="3x chance")
+        ax.set_xscale("log")
+        ax.set_xlabel("training samples seen")
+        ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title(f"{task}: {metric}", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def side_by_side(out: Path, rows: list[Row], done: dict, per_prompt: int, tiles: int = 32) -> None:
     """Per task and seed: each method's evaluation images (same prompts, same seeds) as one labelled row: the
     first ``tiles`` ones; for post, the first half of each of its two halves (source, colour-named)."""
@@ -799,7 +990,7 @@ def side_by_side(out: Path, rows: list[Row], done: dict, per_prompt: int, tiles:
         index = list(range(min(tiles, n)))
         if task == "post":  # tiles // 2 source prompts, then tiles // 2 colour-named ones
             index = index[: tiles // 2] + list(range(n // 2, n // 2 + tiles // 2))
-        scale, label_w = 3, 190
+        scale, label_w = 3, max(190, 8 + 6 * max(len(r.name) for r in members))
         canvas = Image.new("RGB", (label_w + len(index) * 8 * scale, len(members) * 8 * scale), "white")
         draw = ImageDraw.Draw(canvas)
         for k, r in enumerate(members):
@@ -815,8 +1006,25 @@ def side_by_side(out: Path, rows: list[Row], done: dict, per_prompt: int, tiles:
 # ---------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="tsm bench digits", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="results/digits")
+    p.add_argument(
+        "--out", default=None, help="results folder (default results/digits, --long: results/digits_long)"
+    )
     p.add_argument("--full", action="store_true", help="n = 2, 4, 8 and the ablations (quick mode: n = 4)")
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="the long budgets: the equal LoRA and every competing form at n = 4, at 1x, 4x and 16x the steps",
+    )
+    p.add_argument(
+        "--long-n", type=int, nargs="+", default=None, help="--long: the expert counts (default 4)"
+    )
+    p.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="--long: the budgets, times --steps (default 1 4 16)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--steps", type=int, default=None, help="steps per expert (default 60)")
@@ -833,7 +1041,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "--few-step" in argv:  # every other option is digits-fast's own (see `tsm bench digits-fast --help`)
         from tsm.bench.digits_fast import main as few_step
 
-        rest, out = [a for a in argv if a != "--few-step"], p.get_default("out")
+        rest, out = [a for a in argv if a != "--few-step"], "results/digits"
         if "--out" in rest:
             i = rest.index("--out")
             out, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
@@ -852,7 +1060,18 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or [0, 1, 2]  # >= 3 seeds in every mode: the verdicts are paired over them
     if os.cpu_count() and args.workers > os.cpu_count():
         raise TsmError(f"--workers {args.workers} is more than the {os.cpu_count()} CPU cores")
-    cfg = BenchConfig(args.out, args.full, seeds, args.tasks, budget, args.workers, args.base)
+    if args.long and args.full:
+        raise TsmError("--long and --full are two different sets of rows: run them one at a time")
+    if not args.long and (args.long_n or args.budgets):
+        raise TsmError("--long-n and --budgets set the rows of --long: add --long")
+    if any(n < 2 for n in args.long_n or []) or any(b <= 0 for b in args.budgets or []):
+        raise TsmError("--long-n takes expert counts >= 2 and --budgets positive multiples of --steps")
+    out = args.out or ("results/digits_long" if args.long else "results/digits")
+    cfg = BenchConfig(out, args.full, seeds, args.tasks, budget, args.workers, args.base, long=args.long)
+    if args.long_n:
+        cfg.long_ns = sorted(set(args.long_n))
+    if args.budgets:
+        cfg.budgets = sorted(set(args.budgets))
     return run(cfg)
 
 
