@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsm.bench.digits_common import ATTN, load_net, quiet_loading_bars, read_eval_png
+from tsm.bench.digits_common import ATTN, load_net, quiet_loading_bars, read_eval_png, verdict
 from tsm.bench.digits_data import eval_set, train_batch
 from tsm.errors import TsmError
 
@@ -303,17 +302,6 @@ def comparisons(name: str) -> dict[str, str]:
             "equal params and compute": f"LoRA r={4 * (n + 1)}, {n + 2}x steps",
         }
     return {}
-
-
-def verdict(ours: list[float], theirs: list[float], higher_is_better: bool) -> dict[str, Any]:
-    """win / tie / loss of ours against theirs, paired by seed, at 2 standard errors of the difference."""
-    if len(ours) != len(theirs) or len(ours) < 2:
-        return {"verdict": "n/a", "seeds": min(len(ours), len(theirs)), "reason": "needs >= 2 paired seeds"}
-    d = np.asarray(ours, dtype=float) - np.asarray(theirs, dtype=float)
-    d = d if higher_is_better else -d  # > 0: ours is better
-    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-    word = "win" if mean > 2 * se else "loss" if mean < -2 * se else "tie"
-    return {"verdict": word, "mean_gain": mean, "se": se, "seeds": len(d)}
 
 
 def row_units(row: Row, budget: Budget) -> int:

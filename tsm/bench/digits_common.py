@@ -38,3 +38,14 @@ def quiet_loading_bars() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+
+def verdict(ours: list[float], theirs: list[float], higher_is_better: bool) -> dict[str, Any]:
+    """win / tie / loss of ours against theirs, paired by seed, at 2 standard errors of the difference."""
+    if len(ours) != len(theirs) or len(ours) < 2:
+        return {"verdict": "n/a", "seeds": min(len(ours), len(theirs)), "reason": "needs >= 2 paired seeds"}
+    d = np.asarray(ours, dtype=float) - np.asarray(theirs, dtype=float)
+    d = d if higher_is_better else -d  # > 0: ours is better
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    word = "win" if mean > 2 * se else "loss" if mean < -2 * se else "tie"
+    return {"verdict": word, "mean_gain": mean, "se": se, "seeds": len(d)}
