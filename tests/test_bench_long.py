@@ -174,3 +174,44 @@ def test_long_run_resumes_from_finished_rows(long_run, capsys):
 def test_long_flags_are_checked(argv, message):
     with pytest.raises(TsmError, match=message):
         main(argv)
+
+
+def test_default_form_never_loses_and_wins_two_thirds_at_the_largest_budget():
+    from tsm.bench.digits import default_form_lines, default_forms
+
+    def v(word):
+        return {"verdicts": {"equal params and compute": {"verdict": word, "mean_gain": 1.0, "se": 0.1}}}
+
+    def task(good, shaky, at_top):  # verdicts of two forms at 1x and 16x
+        return {
+            "LoRA r=16, 4x steps": {"verdicts": {}},
+            "LoRA r=16, 4x steps @16x": {"verdicts": {}},
+            "good": v(good[0]),
+            "good @16x": v(good[1]),
+            "shaky": v(shaky[0]),
+            "shaky @16x": v(at_top),
+        }
+
+    table = {
+        "domain": task(("tie", "win"), ("loss", "win"), "win"),
+        "post": task(("win", "tie"), ("win", "win"), "win"),
+        "appearance": task(("tie", "win"), ("tie", "win"), "win"),
+    }
+    forms = default_forms(table, [1.0, 16.0])
+    assert set(forms) == {"good", "shaky"}  # the equal LoRA is not a candidate
+    assert forms["good"] == {
+        "complete": True,
+        "losses": [],
+        "wins_at_largest": ["domain", "appearance"],
+        "qualifies": True,
+    }
+    assert forms["shaky"]["losses"] == ["domain 1x"] and not forms["shaky"]["qualifies"]
+    table["post"]["good @16x"] = v("loss")
+    assert default_forms(table, [1.0, 16.0])["good"]["losses"] == ["post 16x"]
+    del table["appearance"]["good"]  # a missing row: not judged yet
+    del table["post"]["good @16x"]
+    forms = default_forms(table, [1.0, 16.0])
+    assert forms["good"]["complete"] is False and forms["good"]["qualifies"] is False
+    assert "| good | none | domain, appearance | not yet (rows missing) |" in "\n".join(
+        default_form_lines(table, [1.0, 16.0])
+    )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import sys
 import time
@@ -750,6 +751,8 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
                 lines.append(f"| {name} | {v['against']} | {what} | **{v['verdict']}** | {gain} |")
         if cfg.long:
             lines += budget_matrix(task, entries, cfg.budgets)
+    if cfg.long:
+        lines += default_form_lines(table, cfg.budgets)
     return "\n".join(lines) + "\n"
 
 
@@ -775,9 +778,8 @@ def budget_matrix(task: str, entries: dict[str, dict], budgets: list[float]) -> 
     for form in forms:
         cells = []
         for b in budgets:
-            verdicts = entries.get(form + budget_suffix(b), {}).get("verdicts", {})
-            v = verdicts.get(EQUAL_LORA) or verdicts.get("same LoRA, equal compute")
-            if v is None or "mean_gain" not in v:
+            v = equal_lora_verdict(entries, form, b)
+            if v is None:
                 cells.append("—")
             else:
                 cells.append(f"**{v['verdict']}** {v['mean_gain']:+.3g} ± {v['se']:.2g}")
@@ -800,6 +802,60 @@ def budget_matrix(task: str, entries: dict[str, dict], budgets: list[float]) -> 
                     "—" if e is None or metric not in e else f"{e[metric][0]:.3f} ± {e[metric][1]:.3f}"
                 )
             lines.append(f"| {form} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def equal_lora_verdict(entries: dict[str, dict], form: str, budget: float) -> dict | None:
+    """The verdict of a form at a budget against the LoRA of its parameters and samples (None if not run)."""
+    verdicts = entries.get(form + budget_suffix(budget), {}).get("verdicts", {})
+    v = verdicts.get(EQUAL_LORA) or verdicts.get("same LoRA, equal compute")
+    return v if v is not None and "mean_gain" in v else None
+
+
+def default_forms(table: dict[str, dict[str, dict]], budgets: list[float]) -> dict[str, dict]:
+    """``--long``: per form, whether it qualifies as the form to train by default: against the equal LoRA it
+    never loses on any task at any budget, and wins on at least 2 of 3 tasks (two thirds of the tasks run) at
+    the largest budget; judged only when every task and budget has a verdict."""
+    tasks = list(table)
+    forms = sorted({n for e in table.values() for n in e if not split_budget(n)[1] and n != "base"})
+    out = {}
+    for form in forms:
+        cells = {(t, b): equal_lora_verdict(table[t], form, b) for t in tasks for b in budgets}
+        if all(v is None for v in cells.values()):
+            continue  # the equal LoRA itself
+        complete = all(v is not None for v in cells.values())
+        losses = [f"{t} {b:g}x" for (t, b), v in cells.items() if v is not None and v["verdict"] == "loss"]
+        wins = [t for t in tasks if (v := cells[(t, max(budgets))]) is not None and v["verdict"] == "win"]
+        need = math.ceil(2 * len(tasks) / 3)
+        out[form] = {
+            "complete": complete,
+            "losses": losses,
+            "wins_at_largest": wins,
+            "qualifies": complete and not losses and len(wins) >= need,
+        }
+    return out
+
+
+def default_form_lines(table: dict[str, dict[str, dict]], budgets: list[float]) -> list[str]:
+    forms = default_forms(table, budgets)
+    if not forms:
+        return []
+    lines = [
+        "",
+        "## Which form qualifies as the default",
+        "",
+        "A form qualifies when, against the LoRA of its parameters and samples, it never loses on any task at any"
+        f" budget and wins on at least two thirds of the tasks at the largest budget ({max(budgets):g}x).",
+        "",
+        "| form | losses | wins at the largest budget | qualifies |",
+        "|---|---|---|---|",
+    ]
+    for form, f in forms.items():
+        verdict_word = "**yes**" if f["qualifies"] else "no" if f["complete"] else "not yet (rows missing)"
+        lines.append(
+            f"| {form} | {', '.join(f['losses']) or 'none'} | {', '.join(f['wins_at_largest']) or 'none'} |"
+            f" {verdict_word} |"
+        )
     return lines
 
 
@@ -840,7 +896,15 @@ def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall
     }
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     (out / "results.json").write_text(
-        json.dumps({**results, "verdicts": verdicts, "binding_verdicts": binding}, indent=2)
+        json.dumps(
+            {
+                **results,
+                "verdicts": verdicts,
+                "binding_verdicts": binding,
+                **({"default_forms": default_forms(table, cfg.budgets)} if cfg.long else {}),
+            },
+            indent=2,
+        )
     )
     return {
         "table": {
