@@ -845,7 +845,9 @@ def default_form_lines(table: dict[str, dict[str, dict]], budgets: list[float]) 
         "## Which form qualifies as the default",
         "",
         "A form qualifies when, against the LoRA of its parameters and samples, it never loses on any task at any"
-        f" budget and wins on at least two thirds of the tasks at the largest budget ({max(budgets):g}x).",
+        f" budget and wins on at least two thirds of the tasks at the largest budget ({max(budgets):g}x): here"
+        f" {math.ceil(2 * len(table) / 3)} of the {len(table)} task{'s' if len(table) > 1 else ''} run"
+        f" ({', '.join(table)}).",
         "",
         "| form | losses | wins at the largest budget | qualifies |",
         "|---|---|---|---|",
