@@ -161,6 +161,7 @@ def rows_for(task: str, full: bool, seed: int) -> list[Row]:
 
 FORMS_N = 4  # the forms that vary one LoRA with t are run at n = 4 only (--full)
 LONG_NS = (4,)  # --long: the expert counts (--long-n 4 8 adds n = 8)
+LONG_TASKS = ("domain", "appearance", "post")  # --long runs task by task: binding first, post last
 LONG_BUDGETS = (1.0, 4.0, 16.0)  # --long: every stage's steps times these (1x: quick mode's 60 per expert)
 
 
@@ -1080,7 +1081,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="--long: the budgets, times --steps (default 1 4 16)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        default=None,
+        help="default: all (--long: domain, appearance, post)",
+    )
     p.add_argument("--steps", type=int, default=None, help="steps per expert (default 60)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--eval-per-prompt", type=int, default=None)
@@ -1121,7 +1128,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(n < 2 for n in args.long_n or []) or any(b <= 0 for b in args.budgets or []):
         raise TsmError("--long-n takes expert counts >= 2 and --budgets positive multiples of --steps")
     out = args.out or ("results/digits_long" if args.long else "results/digits")
-    cfg = BenchConfig(out, args.full, seeds, args.tasks, budget, args.workers, args.base, long=args.long)
+    tasks = args.tasks or (list(LONG_TASKS) if args.long else list(TASKS))
+    cfg = BenchConfig(out, args.full, seeds, tasks, budget, args.workers, args.base, long=args.long)
     if args.long_n:
         cfg.long_ns = sorted(set(args.long_n))
     if args.budgets:
