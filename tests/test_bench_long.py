@@ -215,3 +215,31 @@ def test_default_form_never_loses_and_wins_two_thirds_at_the_largest_budget():
     assert "| good | none | domain, appearance | not yet (rows missing) |" in "\n".join(
         default_form_lines(table, [1.0, 16.0])
     )
+
+
+def test_one_benchmark_holds_its_folder_and_clears_rows_left_by_a_killed_one(long_run, capsys):
+    import os
+
+    from tsm.rundir import RunLock
+
+    cfg, _ = long_run
+    out = Path(cfg.out)
+    with RunLock(out):  # another live benchmark (this process) holds the folder: refused in one line
+        with pytest.raises(TsmError, match=r"in use by another tsm bench digits .* give it another --out"):
+            run(cfg, progress=False)
+    # a row killed mid-run left its lock, naming a pid that is alive now (this one): it is retrained anyway
+    results = json.loads((out / "results.json").read_text())
+    key = "domain/TSM 1-stage n=4 @2x/seed1"
+    before = results["rows"].pop(key)
+    (out / "results.json").write_text(json.dumps(results))
+    row_dir = out / "work" / "domain__tsm_1-stage_n4_@2x__seed1"
+    (row_dir / "run.lock").write_text(
+        json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()})
+    )
+    run(cfg, progress=False)
+    after = json.loads((out / "results.json").read_text())["rows"][key]
+    assert not (row_dir / "run.lock").exists() and not (out / "run.lock").exists()
+    assert (
+        after["fid"] == before["fid"] and after["color_acc"] == before["color_acc"]
+    )  # the same row, retrained
+    assert "resuming: 9 of 10 rows already in" in capsys.readouterr().out

@@ -331,8 +331,14 @@ class RunLock:
     over and said so. A lock from another host cannot be checked: refused, naming the file to delete.
     """
 
-    def __init__(self, run: Path, say: Callable[[str], None] = print) -> None:
-        self.path, self.say = run / LOCK, say
+    def __init__(
+        self,
+        run: Path,
+        say: Callable[[str], None] = print,
+        kind: str = "tsm train",
+        elsewhere: str = "choose another train.output_dir",
+    ) -> None:
+        self.path, self.say, self.kind, self.elsewhere = run / LOCK, say, kind, elsewhere
         self.mine = {"pid": os.getpid(), "host": socket.gethostname()}
 
     def _create(self) -> bool:
@@ -360,7 +366,7 @@ class RunLock:
                 if not self.path.exists():
                     continue
                 raise TsmError(
-                    f"{self.path} exists but names no process; if no tsm train runs in {self.path.parent}, "
+                    f"{self.path} exists but names no process; if no {self.kind} runs in {self.path.parent}, "
                     "delete it and start again"
                 )
             pid, host = owner["pid"], owner.get("host", "?")
@@ -371,8 +377,8 @@ class RunLock:
                 )
             if _alive(pid):
                 raise TsmError(
-                    f"{self.path.parent} is in use by another tsm train (pid {pid}, {LOCK}); wait for it to "
-                    "end or choose another train.output_dir"
+                    f"{self.path.parent} is in use by another {self.kind} (pid {pid}, {LOCK}); wait for it to "
+                    f"end or {self.elsewhere}"
                 )
             if self._owner() == owner:  # still the dead owner's lock: take it over
                 self.path.unlink(missing_ok=True)

@@ -403,6 +403,9 @@ def train_row(row: Row, budget: Budget, base: Path, work: Path, report: Any = la
         return DigitsFamily().load(str(base))
     slug = eval_png(Path(""), row).stem
     run = work / slug
+    # the benchmark holds its results folder (run's RunLock), so a row's own lock can only be left by a killed
+    # earlier benchmark (a pid that a new process may reuse): the row is retrained from scratch anyway
+    (run / "run.lock").unlink(missing_ok=True)
     if row.method == "assemble":
         curve = f"_x{row.budget_scale:g}" if row.budget_scale != 1 else ""
         fostered = work / f"fostered_{row.task}_{'-'.join(map(str, row.scales))}{curve}_seed{row.seed}"
@@ -412,6 +415,7 @@ def train_row(row: Row, budget: Budget, base: Path, work: Path, report: Any = la
         with open(work / f"{fostered.name}.lock", "w") as lock:  # parallel rows share it: one fosters
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (fostered / "summary.json").is_file():
+                (fostered / "run.lock").unlink(missing_ok=True)  # left by a killed benchmark, as below
                 cfg = row_config(foster_row, budget, base, fostered)
                 dataset = DigitsTask(row.task, row_units(foster_row, budget), row.seed)
                 train(cfg, dataset=dataset, progress=False)
@@ -556,14 +560,22 @@ class BenchConfig:
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Run (or resume) the benchmark; write results.json, results.md, grids and the bar plot."""
+    """Run (or resume) the benchmark; write results.json, results.md, grids and the bar plot. One benchmark at a
+    time holds its results folder (``OUT/run.lock``); a second one is refused in one line."""
+    from tsm.rundir import RunLock
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, kind="tsm bench digits", elsewhere="give it another --out"):
+        return _run(cfg, out, progress)
+
+
+def _run(cfg: BenchConfig, out: Path, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from tsm.bench.digits_model import BASE_DIR, base_available, pretrain_base
 
     quiet_loading_bars()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     base = Path(cfg.base) if cfg.base else BASE_DIR
     if not base_available(base):
         print(f"no base model in {base}: pretraining it (python -m tsm.bench.digits_model --out {base})")
