@@ -12,11 +12,12 @@ interval in one file), so ``pipe.load_lora_weights(path)`` gives the same model 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -50,19 +51,34 @@ Models = nn.Module | Mapping[str, nn.Module]  # one model, or {pipeline componen
 # ----------------------------------------------------------------------------------------------------
 # file helpers
 # ----------------------------------------------------------------------------------------------------
-def _atomic_save(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file through a temp file in the same directory, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def _atomic_path(path: PathLike) -> Iterator[str]:
+    """A temp file beside ``path`` to write; it replaces ``path`` when the block ends, and is removed if the block
+    fails, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        yield tmp
         os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one filesystem
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file through a temp file in the same directory, so a crash never leaves half a file."""
+    with _atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    return Path(path)
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write a text file (a results JSON) whole or not at all, as `_atomic_save` writes weights."""
+    with _atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def _open(path: PathLike, read_tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

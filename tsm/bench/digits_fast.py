@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ import tsm
 from tsm.bench.digits_common import ATTN, load_net, quiet_loading_bars, read_eval_png, verdict
 from tsm.bench.digits_data import eval_set, train_batch
 from tsm.errors import TsmError
+from tsm.io import write_text_atomic
 from tsm.models.digits import BASE_DIR, DigitsFamily
 
 PAPER_STEPS = (999, 749, 499, 249)
@@ -368,9 +368,9 @@ class Store:
 
     def write(self, **tables: Any) -> None:
         """Atomically: a run killed while writing leaves the previous file."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({**tables, "settings": self.settings, "finished": self.done}, indent=2))
-        os.replace(tmp, self.path)
+        write_text_atomic(
+            self.path, json.dumps({**tables, "settings": self.settings, "finished": self.done}, indent=2)
+        )
 
 
 def keys(plans: list[Plan], seeds: list[int]) -> list[str]:

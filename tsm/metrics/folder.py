@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tsm.data import IMAGE_EXTS, _read_caption, _read_metadata, _walk, user_cache_dir
 from tsm.errors import TsmError, shorten
-from tsm.io import _atomic_save
+from tsm.io import _atomic_save, write_text_atomic
 
 SAMPLE_PROMPTS = "prompts.json"  # tsm sample: {"p00_seed0": "a red car", ...}
 SAMPLE_GRID = "grid.png"
@@ -163,11 +162,7 @@ class ScoreCache:
 
 def write_result(root: str | Path, metric: str, result: dict[str, Any]) -> Path:
     """``root/eval_<metric>.json``, written whole or not at all."""
-    path = Path(root) / f"eval_{metric}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(root) / f"eval_{metric}.json", json.dumps(result, indent=2))
 
 
 def load_pretrained(
