@@ -47,6 +47,7 @@ import torch
 from tsm.bench.digits_common import ATTN, load_net, quiet_loading_bars, read_eval_png, verdict
 from tsm.bench.digits_data import eval_set, train_batch
 from tsm.errors import TsmError
+from tsm.io import write_text_atomic
 
 TASKS = ("domain", "post", "appearance")
 # the metric each task's verdicts are read on, and whether higher is better
@@ -100,9 +101,8 @@ class Row:
     assemble_experts_lr: float | None = None  # train.assemble_experts_lr: experts keep training in stage 2
     modulation: str = "none"  # experts.modulation: table: one LoRA with B diag(1 + g(t)) A (lora rows)
     rank_schedule: str = "none"  # experts.rank_schedule: tlora: fewer active ranks at high noise (lora rows)
-    share_scaled_lr: bool = (
-        False  # train.share_scaled_lr: each expert's step times its share of a mixed batch
-    )
+    # train.share_scaled_lr: each expert's step times its share of a mixed batch
+    share_scaled_lr: bool = False
 
     @property
     def key(self) -> str:
@@ -540,9 +540,8 @@ class BenchConfig:
     base: str | None = None  # base model folder (default: the shipped one; retrained if missing)
     only: list[str] | None = None  # run only the rows with these names
     net_steps: int | None = None  # training steps of the metric CNN (None: its default)
-    long: bool = (
-        False  # the long budgets: `long_rows` at `long_ns` x `budgets` instead of the quick/full rows
-    )
+    # the long budgets: `long_rows` at `long_ns` x `budgets` instead of the quick/full rows
+    long: bool = False
     long_ns: list[int] = field(default_factory=lambda: list(LONG_NS))
     budgets: list[float] = field(default_factory=lambda: list(LONG_BUDGETS))
 
@@ -604,7 +603,7 @@ def _run(cfg: BenchConfig, out: Path, progress: bool) -> dict:
 
     def finish(result: dict) -> None:
         done[f"{result['task']}/{result['name']}/seed{result['seed']}"] = result
-        results_path.write_text(json.dumps({"config": _config_dict(cfg), "rows": done}, indent=2))
+        write_text_atomic(results_path, json.dumps({"config": _config_dict(cfg), "rows": done}, indent=2))
         bar.update(1)
 
     if cfg.workers <= 0:
@@ -666,6 +665,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def judgements(task: str) -> list[tuple[str, str, bool]]:
+    """(entry key, metric, higher is better) of each verdict a task's rows get: the main metric's, and binding's
+    where the task judges binding."""
+    return [("verdicts", *MAIN_METRIC[task])] + (
+        [("binding_verdicts", *BINDING_METRIC[task])] if task in BINDING_METRIC else []
+    )
+
+
 def aggregate(done: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, dict]]:
     """task -> row name -> {metric: (mean, std), budget columns, seeds}."""
     table: dict[str, dict[str, dict]] = {}
@@ -685,11 +692,8 @@ def aggregate(done: dict[str, dict], rows: list[Row]) -> dict[str, dict[str, dic
                 entry[k] = runs[0][k] if k != "seconds" else sum(x[k] for x in runs) / len(runs)
             entry["seeds"] = len(runs)
     for task, entries in table.items():
-        judged = [("verdicts", *MAIN_METRIC[task])]
-        if task in BINDING_METRIC:
-            judged.append(("binding_verdicts", *BINDING_METRIC[task]))
         for name, entry in entries.items():
-            for key, metric, higher in judged:
+            for key, metric, higher in judgements(task):
                 entry[key] = {}
                 for what, other in comparisons(name).items():
                     if other not in entries:
@@ -744,10 +748,7 @@ def markdown(table: dict[str, dict[str, dict]], cfg: BenchConfig, wall: float) -
                 + " | ".join(cells)
                 + f" | {e['seconds']:.0f} |"
             )
-        judgements = [("verdicts", *MAIN_METRIC[task])]
-        if task in BINDING_METRIC:
-            judgements.append(("binding_verdicts", *BINDING_METRIC[task]))
-        for key, metric, higher in judgements:
+        for key, metric, higher in judgements(task):
             judged = [(name, what, v) for name, e in entries.items() for what, v in e.get(key, {}).items()]
             if not judged:
                 continue
@@ -825,6 +826,11 @@ def equal_lora_verdict(entries: dict[str, dict], form: str, budget: float) -> di
     return v if v is not None and "mean_gain" in v else None
 
 
+def wins_needed(tasks: int) -> int:
+    """Wins at the largest budget a default form needs: two thirds of the tasks run (2 of 3)."""
+    return math.ceil(2 * tasks / 3)
+
+
 def default_forms(table: dict[str, dict[str, dict]], budgets: list[float]) -> dict[str, dict]:
     """``--long``: per form, whether it qualifies as the form to train by default: against the equal LoRA it
     never loses on any task at any budget, and wins on at least 2 of 3 tasks (two thirds of the tasks run) at
@@ -839,12 +845,11 @@ def default_forms(table: dict[str, dict[str, dict]], budgets: list[float]) -> di
         complete = all(v is not None for v in cells.values())
         losses = [f"{t} {b:g}x" for (t, b), v in cells.items() if v is not None and v["verdict"] == "loss"]
         wins = [t for t in tasks if (v := cells[(t, max(budgets))]) is not None and v["verdict"] == "win"]
-        need = math.ceil(2 * len(tasks) / 3)
         out[form] = {
             "complete": complete,
             "losses": losses,
             "wins_at_largest": wins,
-            "qualifies": complete and not losses and len(wins) >= need,
+            "qualifies": complete and not losses and len(wins) >= wins_needed(len(tasks)),
         }
     return out
 
@@ -859,7 +864,7 @@ def default_form_lines(table: dict[str, dict[str, dict]], budgets: list[float]) 
         "",
         "A form qualifies when, against the LoRA of its parameters and samples, it never loses on any task at any"
         f" budget and wins on at least two thirds of the tasks at the largest budget ({max(budgets):g}x): here"
-        f" {math.ceil(2 * len(table) / 3)} of the {len(table)} task{'s' if len(table) > 1 else ''} run"
+        f" {wins_needed(len(table))} of the {len(table)} task{'s' if len(table) > 1 else ''} run"
         f" ({', '.join(table)}).",
         "",
         "| form | losses | wins at the largest budget | qualifies |",
@@ -910,7 +915,8 @@ def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall
         for t, d in table.items()
     }
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
-    (out / "results.json").write_text(
+    write_text_atomic(
+        out / "results.json",
         json.dumps(
             {
                 **results,
@@ -919,7 +925,7 @@ def write_reports(out: Path, cfg: BenchConfig, done: dict, rows: list[Row], wall
                 **({"default_forms": default_forms(table, cfg.budgets)} if cfg.long else {}),
             },
             indent=2,
-        )
+        ),
     )
     return {
         "table": {
