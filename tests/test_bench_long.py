@@ -49,6 +49,12 @@ def test_long_rows_are_every_form_at_every_budget_with_equal_samples():
         needed = {other for what, other in comparisons(r.name).items() if what in judged}
         assert r.name == "base" or r.name.startswith("LoRA r=16, ") or needed
         assert needed <= set(names), r.name
+    eight = {r.name: r for r in long_rows("domain", (4, 8), (16.0,))}  # --long-n 4 8 adds n = 8's rows
+    assert len(eight) == 1 + 2 * len(FORMS)
+    lora8, tsm8 = eight["LoRA r=32, 8x steps @16x"], eight["TSM shared r=16 + n=8 r=2, 8x steps @16x"]
+    assert (lora8.rank, lora8.step_factor, tsm8.shared_rank, tsm8.scales) == (32, 8, 16, (8,))
+    assert row_units(lora8, b) == row_units(tsm8, b) == 10 * 4 * 8 * 16
+    assert comparisons(tsm8.name)["equal params and compute"] == lora8.name
     assert split_budget("TSM 1-stage n=4 @16x") == ("TSM 1-stage n=4", " @16x")
     assert split_budget("LoRA r=16, 4x steps") == ("LoRA r=16, 4x steps", "")
 
