@@ -278,6 +278,31 @@ def test_boundary_keyframes_would_run_two_experts():
     assert run_keyframes(hooks, model_sampling, sigmas) == [["i2"], ["i0", "i1"]]
 
 
+def test_default_form_files_hold_the_shared_part_and_the_intervals_expert(tmp_path):
+    """The packaged `*_foster` form (4 interval experts of rank 2 beside a shared LoRA of rank 8): each ComfyUI
+    file is one LoRA of rank 10 whose up @ down is the layer's s0 B0 A0 + s B_i A_i for its interval."""
+    model = with_experts(tiny_unet(), scales=(4,), rank=2, alpha=2, shared_rank=8)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in tsm.expert_layers(model):
+            layer.shared_B.copy_(0.2 * torch.randn(layer.shared_B.shape, generator=g))
+    paths = comfyui.export_run(model, "sd15", {"num_train_timesteps": 1000}, tmp_path, prefix="unet")
+    assert [p.name for p in paths] == [f"tsm_s0_i{i}.safetensors" for i in range(4)] + ["workflow_api.json"]
+    name, layer = next(iter(tsm.expert_layers(model)))
+    kohya = "lora_unet_" + name.replace(".", "_")
+    for i in (0, 3):
+        f = load_file(paths[i])
+        down, up = f[f"{kohya}.lora_down.weight"], f[f"{kohya}.lora_up.weight"]
+        assert down.shape[0] == 10 and float(f[f"{kohya}.alpha"]) == 10.0
+        a, b = layer.lora_A[f"s0_i{i}"], layer.lora_B[f"s0_i{i}"]
+        want = layer.shared_scaling * layer.shared_B @ layer.shared_A + layer.scaling * b @ a
+        torch.testing.assert_close(
+            up.flatten(1) @ down.flatten(1), want.flatten(1).detach(), rtol=1e-5, atol=1e-6
+        )
+    graph = json.loads(paths[-1].read_text())
+    assert [n["class_type"] for n in graph.values()].count("CreateHookLora") == 4
+
+
 def test_workflow_graph_is_well_formed(fostered, tmp_path):
     paths = comfyui.export_run(
         fostered,

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from tiny_models import write_tiny_model
 
 from tsm.bench.digits_data import write_folder
@@ -205,7 +206,9 @@ def test_the_readme_sd15_quickstart_runs(tmp_path, capsys, monkeypatch):
     assert {"--all", "kohya"} <= {w for a in exports for w in a}
     for export in exports:
         assert main(export) == 0, capsys.readouterr().err
-    assert len(list((tmp_path / "experts").glob("*.safetensors"))) == 9  # scales (8, 1): 8 + 1 experts
+    files = sorted((tmp_path / "experts").glob("*.safetensors"))
+    assert len(files) == 4  # the default form: 4 interval experts, each file with the shared part stacked in
+    assert all(v.shape[0] == 8 + 2 for k, v in load_file(files[0]).items() if k.endswith(".lora_A.weight"))
     assert any(k.startswith("lora_unet_") for k in _keys(tmp_path / "expert3.safetensors"))
 
 

@@ -261,9 +261,10 @@ def test_tsm_train_end_to_end_on_clips(folders, tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     weights = load_file(run / "transformer.safetensors")
-    assert {k.rsplit(".", 1)[1] for k in weights if ".lora_B." in k} == {f"s0_i{i}" for i in range(8)} | {
-        "s1_i0"
-    }
+    # the packaged form: 4 interval experts beside one shared full-range LoRA (experts.shared_rank)
+    assert {k.rsplit(".", 1)[1] for k in weights if ".lora_B." in k} == {f"s0_i{i}" for i in range(4)}
+    shared = [v for k, v in weights.items() if k.endswith("shared_B")]
+    assert shared and all(v.shape[1] == 32 for v in shared)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if ".lora_B." in k)  # experts trained
     assert any(".attn2.to_k." in k for k in weights)  # cross-attention too
     # a clip length the VAE cannot take: one line naming the rule and the nearest valid counts

@@ -1,0 +1,93 @@
+"""The packaged configs train the form the long-budget benchmark chose (docs/benchmarks.md): every `*_foster`
+config is shared + residual experts on mixed batches at n = 4, with the parameters of the paper's 4 experts of
+rank r; its `*_paper` twin keeps the paper's form, and every other setting is the same in both."""
+
+from dataclasses import asdict
+
+import pytest
+
+from tsm.config import load_config, packaged_configs
+
+FOSTER = sorted(n for n in packaged_configs() if n.endswith("_foster"))
+# keys in which a `*_paper` config may differ from its `*_foster` twin: the form, and what the form needs
+FORM_KEYS = {
+    ("experts", "scales"),
+    ("experts", "rank"),
+    ("experts", "alpha"),
+    ("experts", "shared_rank"),
+    ("train", "batch_per_expert"),
+    ("train", "grad_accum"),
+    ("train", "output_dir"),
+}
+
+
+def _flat(cfg) -> dict[tuple[str, str], object]:
+    return {(section, key): v for section, keys in asdict(cfg).items() for key, v in keys.items()}
+
+
+def test_every_foster_config_has_a_paper_twin():
+    assert len(FOSTER) == 7
+    assert {n.replace("_foster", "_paper") for n in FOSTER} <= set(packaged_configs())
+
+
+@pytest.mark.parametrize("name", FOSTER)
+def test_foster_configs_train_shared_plus_residual_on_mixed_batches(name):
+    foster = load_config(name)
+    paper = load_config(name.replace("_foster", "_paper"))
+    e, p = foster.experts, paper.experts
+    assert foster.train.method == paper.train.method == "foster"
+    assert e.scales == [4] and e.shared_rank == 4 * e.rank and e.alpha == e.rank  # s = s0 = 1, as benchmarked
+    assert not foster.train.batch_per_expert  # mixed batches
+    assert e.shared_rank + 4 * e.rank == 4 * p.rank  # the parameters of the paper's 4 experts of rank r
+    assert len(p.scales) == 2 and p.shared_rank == 0
+    # the paper's bookkeeping where the model allows it (Wan 2.2's two transformers share their samples)
+    assert paper.train.batch_per_expert == (name != "wan22_foster")
+    if paper.train.batch_per_expert:
+        # one micro-batch of the foster config's size per expert's batch
+        experts = sum(p.scales)
+        assert paper.train.grad_accum == experts * foster.train.grad_accum
+    assert paper.train.output_dir == f"runs/{name.replace('_foster', '_paper')}"
+    differ = {k for k, v in _flat(foster).items() if _flat(paper)[k] != v}
+    assert differ <= FORM_KEYS, differ - FORM_KEYS
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_lora_baselines_hold_the_foster_configs_parameters(family):
+    lora, foster = load_config(f"{family}_lora"), load_config(f"{family}_foster")
+    assert lora.train.method == "lora"
+    assert lora.experts.rank == foster.experts.shared_rank + 4 * foster.experts.rank == 16
+    assert lora.experts.alpha == lora.experts.rank
+    assert (lora.train.steps, lora.train.batch_size, lora.optim.lr) == (
+        foster.train.steps,
+        foster.train.batch_size,
+        foster.optim.lr,
+    )
+
+
+def test_assembling_builds_on_the_paper_run():
+    """Assembling needs coarse context experts: the paper's two scales, not the default form's one."""
+    assemble, paper = load_config("sd15_assemble"), load_config("sd15_paper")
+    assert assemble.train.experts_from == paper.train.output_dir
+    assert assemble.experts.scales == paper.experts.scales == [8, 1]
+
+
+def test_the_paper_config_trains_a_batch_per_expert_in_micro_batches(tmp_path, capsys):
+    """`tsm train sd15_paper` on a tiny SD1.5 folder: 9 experts, each a batch of its own a step, one micro-batch
+    per expert's batch; every expert of both scales receives a gradient."""
+    from safetensors.torch import load_file
+    from tiny_models import write_tiny_model
+
+    from tsm.cli import main
+    from tsm.data import write_digits_image_folder
+
+    model = write_tiny_model("sd15", tmp_path / "sd15")
+    images = write_digits_image_folder(tmp_path / "images", n=4, size=16)
+    run = tmp_path / "run"
+    argv = ["train", "sd15_paper", f"model.path={model}", f"data.path={images}", "data.resolution=16"]
+    argv += ["train.steps=1", "train.batch_size=1", "train.validation_prompts=[]", "train.log_with=none"]
+    assert main([*argv, f"train.output_dir={run}"]) == 0, capsys.readouterr().err
+    weights = load_file(run / "unet.safetensors")
+    names = {k.rsplit(".", 1)[1] for k in weights if ".lora_B." in k}
+    assert names == {f"s0_i{i}" for i in range(8)} | {"s1_i0"}
+    for name in names:  # B starts at 0: one step moved every expert's B somewhere
+        assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(f".lora_B.{name}"))
