@@ -152,6 +152,35 @@ def test_a_stale_lock_is_taken_over(assets, tmp_path, capsys):
     assert not (tmp_path / "run" / LOCK).exists()  # released at the end
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process start times come from /proc")
+def test_a_lock_whose_pid_was_reused_is_taken_over_and_a_live_owner_refuses(tmp_path):
+    """A killed run's PID can be given to a later process: the lock records its owner's start time, so a live
+    process with that PID but another start is not the owner (and the owner itself is still refused)."""
+    import os
+
+    from tsm.errors import TsmError
+    from tsm.rundir import RunLock, _start_time
+
+    start = _start_time(os.getpid())
+    assert isinstance(start, int) and start > 0
+    lock = tmp_path / "run" / LOCK
+    said: list[str] = []
+    write_lock(tmp_path / "run", os.getpid())  # an old lock without a start time: this live PID owns it
+    with pytest.raises(TsmError, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path / "run", say=said.append).acquire()
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": start}
+    lock.write_text(json.dumps(owner))  # the owner, alive, with its own start time: refused
+    with pytest.raises(TsmError, match="in use by another tsm train"):
+        RunLock(tmp_path / "run", say=said.append).acquire()
+    lock.write_text(json.dumps({**owner, "start": start - 1}))  # the PID now names a later process
+    with RunLock(tmp_path / "run", say=said.append) as held:
+        assert json.loads(lock.read_text()) == held.mine == owner
+        assert said == [
+            f"took over {lock}: its run (pid {os.getpid()} on {socket.gethostname()}) is no longer running"
+        ]
+    assert not lock.exists()
+
+
 def test_a_fresh_run_into_a_run_is_refused_unless_overwrite(finished, assets, tmp_path, capsys):
     cfg, run = copy_of(finished, tmp_path, assets, steps=2)
     before = snapshot(run)

@@ -324,11 +324,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat's field 22), or None where /proc does
+    not say (no such process, not Linux). With the PID it names one process: a PID reused by a later process
+    has a later start."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # the fields after "(comm)", from field 3 on
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class RunLock:
-    """``RUN/run.lock`` (``{"pid", "host"}``), held for the duration of a run by its main process only.
+    """``RUN/run.lock`` (``{"pid", "host", "start"}``), held for the duration of a run by its main process only.
 
     A second live run is refused with the owner's PID; a lock whose process is gone (on this host) is taken
-    over and said so. A lock from another host cannot be checked: refused, naming the file to delete.
+    over and said so. ``start`` is the owner's process start time where the system tells it (Linux): a lock
+    whose PID now belongs to a process that started at another time is the lock of a run that is gone, and is
+    taken over too. A lock from another host cannot be checked: refused, naming the file to delete.
     """
 
     def __init__(
@@ -339,7 +352,10 @@ class RunLock:
         elsewhere: str = "choose another train.output_dir",
     ) -> None:
         self.path, self.say, self.kind, self.elsewhere = run / LOCK, say, kind, elsewhere
-        self.mine = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.mine: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
+        start = _start_time(os.getpid())
+        if start is not None:
+            self.mine["start"] = start
 
     def _create(self) -> bool:
         try:
@@ -375,7 +391,7 @@ class RunLock:
                     f"{self.path.parent} is in use by pid {pid} on host {host} ({LOCK}); wait for that run "
                     f"to end, or if it is gone delete {self.path}"
                 )
-            if _alive(pid):
+            if _alive(pid) and not self._reused(owner):
                 raise TsmError(
                     f"{self.path.parent} is in use by another {self.kind} (pid {pid}, {LOCK}); wait for it to "
                     f"end or {self.elsewhere}"
@@ -388,6 +404,12 @@ class RunLock:
         raise TsmError(
             f"{self.path} keeps changing: another run is starting in {self.path.parent}; wait for it"
         )
+
+    @staticmethod
+    def _reused(owner: dict[str, Any]) -> bool:
+        """True when the owner's PID now names a process that started at another time than the owner."""
+        start = owner.get("start")
+        return isinstance(start, int) and _start_time(owner["pid"]) not in (None, start)
 
     def release(self) -> None:
         if self._owner() == self.mine:  # never remove a lock that another run took over
