@@ -91,3 +91,36 @@ def test_the_paper_config_trains_a_batch_per_expert_in_micro_batches(tmp_path, c
     assert names == {f"s0_i{i}" for i in range(8)} | {"s1_i0"}
     for name in names:  # B starts at 0: one step moved every expert's B somewhere
         assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(f".lora_B.{name}"))
+
+
+def test_info_names_the_form_of_a_default_run_and_of_its_files(tmp_path, capsys, monkeypatch):
+    """`tsm info` on the checkpoint and on an exported file of `tsm train sd15_foster` says it is shared +
+    residual and the files' rank; a paper-form file says nothing extra."""
+    from safetensors.torch import load_file
+    from tiny_models import write_tiny_model
+
+    from tsm.cli import main
+    from tsm.data import write_digits_image_folder
+
+    model = write_tiny_model("sd15", tmp_path / "sd15")
+    images = write_digits_image_folder(tmp_path / "images", n=4, size=16)
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "sd15_foster", f"model.path={model}", f"data.path={images}", "data.resolution=16"]
+    argv += ["train.steps=1", "train.batch_size=2", "train.validation_prompts=[]", "train.log_with=none"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (
+        main(["export", "runs/sd15_foster", "--scale", "0", "--index", "2", "--out", "e2.safetensors"]) == 0
+    )
+    capsys.readouterr()
+    assert main(["info", "runs/sd15_foster/unet.safetensors"]) == 0
+    out = capsys.readouterr().out
+    assert "form: shared + residual: a full-range LoRA of rank 8 on every t\n" in out
+    assert main(["info", "e2.safetensors"]) == 0
+    assert "(so each file is one LoRA of rank 10)" in capsys.readouterr().out
+    ranks = {v.shape[0] for k, v in load_file("e2.safetensors").items() if k.endswith(".lora_A.weight")}
+    assert ranks == {10}  # what info says
+    argv[1] = "sd15_paper"
+    assert main([*argv, "train.batch_size=1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["info", "runs/sd15_paper/unet.safetensors"]) == 0
+    assert "form:" not in capsys.readouterr().out

@@ -217,6 +217,21 @@ def load(
     return metadata
 
 
+def _form_words(spec: ExpertSpec, exported: bool) -> str:
+    """What sets the experts apart from the paper's (hard interval experts, nothing shared), in a few words."""
+    words = []
+    if spec.shared_rank:
+        whole = f" (so each file is one LoRA of rank {spec.shared_rank + spec.rank})" if exported else ""
+        words.append(f"shared + residual: a full-range LoRA of rank {spec.shared_rank} on every t{whole}")
+    if spec.routing != "hard":
+        words.append(f"{spec.routing} routing")
+    if spec.modulation != "none":
+        words.append(f"rank channels modulated by t ({spec.modulation}, {spec.modulation_bins} bins)")
+    if spec.rank_schedule != "none":
+        words.append(f"rank schedule {spec.rank_schedule} (min rank {spec.min_rank})")
+    return "; ".join(words)
+
+
 def describe(path: PathLike) -> str:
     """A few lines saying what a tsm checkpoint (or an exported expert, or a plain LoRA) holds."""
     metadata, tensors = _open(path, read_tensors=True)
@@ -232,6 +247,9 @@ def describe(path: PathLike) -> str:
         f"  scales: {list(spec.scales)} -> experts per scale {list(spec.experts_per_scale)}; rank {spec.rank}, "
         f"alpha {spec.alpha:g}; router: {spec.router}; T = {spec.num_timesteps}"
     )
+    form = _form_words(spec, exported=kind.startswith("exported"))
+    if form:
+        lines.append(f"  form: {form}")
     layers = sorted({k.split(".lora_")[0] for k in tensors if ".lora_" in k})
     lines.append(f"  {len(layers)} layers, targets {spec.targets}")
     routers = sum(v.numel() for k, v in tensors.items() if ".router." in k)
