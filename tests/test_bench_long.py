@@ -175,6 +175,7 @@ def test_long_run_resumes_from_finished_rows(long_run, capsys):
         (["--budgets", "1", "4"], "add --long"),
         (["--long", "--long-n", "1"], "expert counts >= 2"),
         (["--long", "--budgets", "0"], "positive multiples"),
+        (["--long", "--only", "LoRA r=16 @16x"], "no row named 'LoRA r=16 @16x'"),
     ],
 )
 def test_long_flags_are_checked(argv, message):
@@ -249,3 +250,20 @@ def test_one_benchmark_holds_its_folder_and_clears_rows_left_by_a_killed_one(lon
         after["fid"] == before["fid"] and after["color_acc"] == before["color_acc"]
     )  # the same row, retrained
     assert "resuming: 9 of 10 rows already in" in capsys.readouterr().out
+
+
+def test_only_runs_the_named_rows_of_every_task_and_seed(monkeypatch):
+    import tsm.bench.digits as D
+
+    seen = {}
+    monkeypatch.setattr(D, "run", lambda cfg: seen.setdefault("rows", cfg.rows()))
+    names = ["LoRA r=32, 8x steps @16x", "TSM shared r=16 + n=8 r=2, 8x steps @16x"]
+    D.main(["--long", "--long-n", "8", "--budgets", "16", "--tasks", "domain", "post", "--only", *names])
+    rows = seen["rows"]
+    assert sorted({(r.task, r.name) for r in rows}) == sorted(
+        (t, n) for t in ("domain", "post") for n in names
+    )
+    assert sorted(r.seed for r in rows) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    lora, shared = (next(r for r in rows if r.name == n) for n in names)
+    assert (lora.rank, lora.step_factor, lora.budget_scale) == (32, 8, 16)
+    assert (shared.shared_rank, shared.rank, shared.scales, shared.mixed) == (16, 2, (8,), True)

@@ -1106,6 +1106,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="default: all (--long: domain, appearance, post)",
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="run only the rows of these names (as in results.md, e.g. 'LoRA r=16, 4x steps @16x')",
+    )
     p.add_argument("--steps", type=int, default=None, help="steps per expert (default 60)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--eval-per-prompt", type=int, default=None)
@@ -1152,6 +1159,15 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.long_ns = sorted(set(args.long_n))
     if args.budgets:
         cfg.budgets = sorted(set(args.budgets))
+    if args.only:
+        names = list(dict.fromkeys(r.name for r in cfg.rows()))
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            raise TsmError(
+                f"--only: no row named {unknown[0]!r} in this run's {len(names)} rows (e.g. {names[1]!r}); "
+                "names are as results.md writes them, one quoted argument each"
+            )
+        cfg.only = list(args.only)
     return run(cfg)
 
 
