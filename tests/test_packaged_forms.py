@@ -3,6 +3,7 @@ config is shared + residual experts on mixed batches at n = 4, with the paramete
 rank r; its `*_paper` twin keeps the paper's form, and every other setting is the same in both."""
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -71,56 +72,67 @@ def test_assembling_builds_on_the_paper_run():
     assert assemble.experts.scales == paper.experts.scales == [8, 1]
 
 
-def test_the_paper_config_trains_a_batch_per_expert_in_micro_batches(tmp_path, capsys):
+def _train(config: str, tiny: dict[str, Path], run: Path, *more: str) -> list[str]:
+    """`tsm train CONFIG` on the tiny SD1.5 folder: 16-pixel images, one step, no grid, no tracker."""
+    return [
+        "train", config, f"model.path={tiny['model']}", f"data.path={tiny['images']}", "data.resolution=16",
+        "train.steps=1", "train.validation_prompts=[]", "train.log_with=none", f"train.output_dir={run}", *more,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    from tiny_models import write_tiny_model
+
+    from tsm.data import write_digits_image_folder
+
+    root = tmp_path_factory.mktemp("tiny_sd15")
+    return {
+        "model": write_tiny_model("sd15", root / "sd15"),
+        "images": write_digits_image_folder(root / "images", n=4, size=16),
+    }
+
+
+@pytest.fixture(scope="module")
+def paper_run(tiny, tmp_path_factory) -> Path:
+    """One step of `tsm train sd15_paper`, a batch of 1 per expert."""
+    from tsm.cli import main
+
+    run = tmp_path_factory.mktemp("paper") / "run"
+    assert main(_train("sd15_paper", tiny, run, "train.batch_size=1")) == 0
+    return run
+
+
+def test_the_paper_config_trains_a_batch_per_expert_in_micro_batches(paper_run):
     """`tsm train sd15_paper` on a tiny SD1.5 folder: 9 experts, each a batch of its own a step, one micro-batch
     per expert's batch; every expert of both scales receives a gradient."""
     from safetensors.torch import load_file
-    from tiny_models import write_tiny_model
 
-    from tsm.cli import main
-    from tsm.data import write_digits_image_folder
-
-    model = write_tiny_model("sd15", tmp_path / "sd15")
-    images = write_digits_image_folder(tmp_path / "images", n=4, size=16)
-    run = tmp_path / "run"
-    argv = ["train", "sd15_paper", f"model.path={model}", f"data.path={images}", "data.resolution=16"]
-    argv += ["train.steps=1", "train.batch_size=1", "train.validation_prompts=[]", "train.log_with=none"]
-    assert main([*argv, f"train.output_dir={run}"]) == 0, capsys.readouterr().err
-    weights = load_file(run / "unet.safetensors")
+    weights = load_file(paper_run / "unet.safetensors")
     names = {k.rsplit(".", 1)[1] for k in weights if ".lora_B." in k}
     assert names == {f"s0_i{i}" for i in range(8)} | {"s1_i0"}
     for name in names:  # B starts at 0: one step moved every expert's B somewhere
         assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith(f".lora_B.{name}"))
 
 
-def test_info_names_the_form_of_a_default_run_and_of_its_files(tmp_path, capsys, monkeypatch):
+def test_info_names_the_form_of_a_default_run_and_of_its_files(tiny, paper_run, tmp_path, capsys):
     """`tsm info` on the checkpoint and on an exported file of `tsm train sd15_foster` says it is shared +
     residual and the files' rank; a paper-form file says nothing extra."""
     from safetensors.torch import load_file
-    from tiny_models import write_tiny_model
 
     from tsm.cli import main
-    from tsm.data import write_digits_image_folder
 
-    model = write_tiny_model("sd15", tmp_path / "sd15")
-    images = write_digits_image_folder(tmp_path / "images", n=4, size=16)
-    monkeypatch.chdir(tmp_path)
-    argv = ["train", "sd15_foster", f"model.path={model}", f"data.path={images}", "data.resolution=16"]
-    argv += ["train.steps=1", "train.batch_size=2", "train.validation_prompts=[]", "train.log_with=none"]
-    assert main(argv) == 0, capsys.readouterr().err
-    assert (
-        main(["export", "runs/sd15_foster", "--scale", "0", "--index", "2", "--out", "e2.safetensors"]) == 0
-    )
+    run, exported = tmp_path / "foster", tmp_path / "e2.safetensors"
+    assert main(_train("sd15_foster", tiny, run, "train.batch_size=2")) == 0, capsys.readouterr().err
+    assert main(["export", str(run), "--scale", "0", "--index", "2", "--out", str(exported)]) == 0
     capsys.readouterr()
-    assert main(["info", "runs/sd15_foster/unet.safetensors"]) == 0
+    assert main(["info", str(run / "unet.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "form: shared + residual: a full-range LoRA of rank 8 on every t\n" in out
-    assert main(["info", "e2.safetensors"]) == 0
+    assert main(["info", str(exported)]) == 0
     assert "(so each file is one LoRA of rank 10)" in capsys.readouterr().out
-    ranks = {v.shape[0] for k, v in load_file("e2.safetensors").items() if k.endswith(".lora_A.weight")}
+    ranks = {v.shape[0] for k, v in load_file(exported).items() if k.endswith(".lora_A.weight")}
     assert ranks == {10}  # what info says
-    argv[1] = "sd15_paper"
-    assert main([*argv, "train.batch_size=1"]) == 0, capsys.readouterr().err
     capsys.readouterr()
-    assert main(["info", "runs/sd15_paper/unet.safetensors"]) == 0
+    assert main(["info", str(paper_run / "unet.safetensors")]) == 0
     assert "form:" not in capsys.readouterr().out

@@ -241,13 +241,14 @@ def describe(path: PathLike) -> str:
         lines.append("  no tsm metadata: a plain LoRA file? (tsm.import_lora reads it)")
         return "\n".join(lines)
     spec = ExpertSpec.from_json(metadata["tsm_spec"])
-    kind = "checkpoint" if "tsm_format" in metadata else "exported expert (diffusers LoRA format)"
+    exported = "tsm_format" not in metadata  # an export_lora file; a checkpoint carries tsm's own format
+    kind = "exported expert (diffusers LoRA format)" if exported else "checkpoint"
     lines.append(f"  {kind}; stage: {metadata.get('tsm_stage', '-')}")
     lines.append(
         f"  scales: {list(spec.scales)} -> experts per scale {list(spec.experts_per_scale)}; rank {spec.rank}, "
         f"alpha {spec.alpha:g}; router: {spec.router}; T = {spec.num_timesteps}"
     )
-    form = _form_words(spec, exported=kind.startswith("exported"))
+    form = _form_words(spec, exported)
     if form:
         lines.append(f"  form: {form}")
     layers = sorted({k.split(".lora_")[0] for k in tensors if ".lora_" in k})

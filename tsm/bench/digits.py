@@ -404,7 +404,8 @@ def train_row(row: Row, budget: Budget, base: Path, work: Path, report: Any = la
     slug = eval_png(Path(""), row).stem
     run = work / slug
     # the benchmark holds its results folder (run's RunLock), so a row's own lock can only be left by a killed
-    # earlier benchmark (a pid that a new process may reuse): the row is retrained from scratch anyway
+    # earlier benchmark: the row is retrained from scratch anyway. RunLock itself sees a reused pid by its start
+    # time where /proc gives one; this also clears locks where it does not (other systems, older locks)
     (run / "run.lock").unlink(missing_ok=True)
     if row.method == "assemble":
         curve = f"_x{row.budget_scale:g}" if row.budget_scale != 1 else ""
