@@ -136,3 +136,25 @@ def test_info_names_the_form_of_a_default_run_and_of_its_files(tiny, paper_run, 
     capsys.readouterr()
     assert main(["info", str(paper_run / "unet.safetensors")]) == 0
     assert "form:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        (dict(scales=(4, 1), routing="smooth"), "form: smooth routing\n"),
+        (dict(scales=(1,), modulation="table"), "form: rank channels modulated by t (table, 20 bins)\n"),
+        (dict(scales=(1,), rank_schedule="tlora"), "form: rank schedule tlora (min rank 1)\n"),
+        (
+            dict(scales=(4,), shared_rank=8),
+            "form: shared + residual: a full-range LoRA of rank 8 on every t\n",
+        ),
+    ],
+)
+def test_info_names_every_form_of_a_checkpoint(spec, words, tmp_path):
+    from test_io import tiny_unet, with_experts
+
+    import tsm
+
+    path = tsm.save(with_experts(tiny_unet(), **spec), tmp_path / "unet.safetensors")
+    text = tsm.io.describe(path)
+    assert words in text and text.count("form:") == 1
